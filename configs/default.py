@@ -1,0 +1,82 @@
+"""Every knob qvjax has, with its default. Named setups override a few of them.
+
+Override any key from the command line: `--config.model.attention=qv`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = 'default'  # Names the default workdir: runs/<name>.
+  c.seed = 0  # Parameter init, data shuffling and sampling all derive from it.
+
+  m = c.model = ml_collections.ConfigDict()
+  # qkv | qv | qv_ka | mla | mla_qv  (qvjax.attention.PARADIGMS).
+  m.attention = 'qkv'
+  m.num_layers = 4
+  m.emb_dim = 256
+  m.num_heads = 4
+  # Key/value heads: = num_heads is MHA, 1 is MQA, a divisor in between is GQA.
+  m.num_kv_heads = 4
+  m.head_dim = 64
+  m.mlp_dim = 768  # Hidden width of the SwiGLU MLP.
+  # Must equal the tokenizer's vocabulary size (checked at start-up).
+  m.vocab_size = 2048
+  m.position = 'rope'  # rope | none (more schemes: see docs/attention.md).
+  m.rope_theta = 10_000.0
+  m.tie_embeddings = True  # Output head = embedding matrix transposed.
+  m.norm_eps = 1e-6
+  m.init_std = 0.02
+  # Activations/matmuls (float32 | bfloat16); parameters stay float32.
+  m.dtype = 'float32'
+  m.qv_ka = ml_collections.ConfigDict()
+  # Per-KV-head width of the context vector G = x W_ctx; 0 gives K = V W_K.
+  m.qv_ka.ctx_dim = 64
+
+  d = c.dataset = ml_collections.ConfigDict()
+  d.name = 'shakespeare'  # A TFDS name; 'shakespeare' is the embedded corpus.
+  d.data_dir = ''  # Where TFDS data lives; '' = TFDS default (~/tensorflow_datasets).
+  d.text_key = 'text'
+  d.train_split = 'train'
+  d.eval_split = 'validation'
+  d.shuffle = True
+  d.num_workers = 0  # grain worker processes; 0 = in the main process.
+
+  t = c.tokenizer = ml_collections.ConfigDict()
+  t.path = ''  # A SentencePiece .model; '' = train one into <workdir>/tokenizer.
+  t.model_type = 'unigram'  # unigram | bpe
+  t.train_max_chars = 3_000_000  # Bounded sample of the train split for training.
+
+  c.seq_len = 128
+  # Exactly one of these two is > 0; global = per_device * device count.
+  c.global_batch_size = 32
+  c.per_device_batch_size = -1
+
+  c.num_train_steps = 1000
+  c.learning_rate = 3e-3
+  c.warmup_steps = 100
+  c.end_learning_rate_ratio = 0.1  # Cosine decays to learning_rate * this.
+  c.weight_decay = 0.1  # Not applied to norms or biases.
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.95
+  c.grad_clip_norm = 1.0
+
+  c.log_every_steps = 10
+  c.eval_every_steps = 250
+  c.eval_batches = 8  # Batches of the eval split per evaluation.
+  c.checkpoint_every_steps = 250
+  c.max_checkpoints_to_keep = 3
+
+  # Mesh axis sizes; -1 takes the devices the others leave.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  s = c.sample = ml_collections.ConfigDict()
+  s.prompt = 'ROMEO:'
+  s.max_new_tokens = 80
+  s.temperature = 0.8  # 0 = greedy.
+  s.top_k = 40  # 0 = no top-k filtering.
+  return c

@@ -1,0 +1,7 @@
+"""qv_ka_small: the shared small setup (configs/small.py) with attention=qv_ka, num_kv_heads=4."""
+
+from configs.small import get_small_config
+
+
+def get_config():
+  return get_small_config('qv_ka_small', 'qv_ka', num_kv_heads=4)

@@ -1,0 +1,128 @@
+"""Validation of a run's ConfigDict: every bad knob fails here, in one line,
+before anything is compiled or written.
+"""
+
+import os
+
+import ml_collections
+
+from qvjax.attention import PARADIGMS, PLANNED
+
+POSITIONS = ('rope', 'none')
+DTYPES = ('float32', 'bfloat16')
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+class ConfigError(ValueError):
+  """A bad configuration value; main prints it as one line and exits 2."""
+
+
+def _require(ok: bool, key: str, value, valid: str):
+  if not ok:
+    raise ConfigError(f'config.{key}={value!r} is invalid: {valid}')
+
+
+def _positive_ints(c, keys):
+  for key in keys:
+    _require(isinstance(c[key], int) and c[key] > 0, key, c[key], 'must be a positive integer')
+
+
+def validate_model(m: ml_collections.ConfigDict):
+  """Checks the model section alone (also used when loading checkpoints)."""
+  valid = ', '.join(PARADIGMS)
+  if m.attention in PLANNED:
+    raise ConfigError(f'config.model.attention={m.attention!r} is not implemented yet; '
+                      f'implemented: {valid}')
+  _require(m.attention in PARADIGMS, 'model.attention', m.attention, f'one of {valid}')
+  for key in ('num_layers', 'emb_dim', 'num_heads', 'num_kv_heads', 'head_dim',
+              'mlp_dim', 'vocab_size'):
+    _require(isinstance(m[key], int) and m[key] > 0, f'model.{key}', m[key],
+             'must be a positive integer')
+  _require(m.num_heads % m.num_kv_heads == 0, 'model.num_kv_heads', m.num_kv_heads,
+           f'must divide model.num_heads={m.num_heads} (1 = MQA, {m.num_heads} = MHA)')
+  _require(m.position in POSITIONS, 'model.position', m.position, f'one of {", ".join(POSITIONS)}')
+  _require(m.position != 'rope' or m.head_dim % 2 == 0, 'model.head_dim', m.head_dim,
+           'must be even with rope positions')
+  _require(m.rope_theta > 0, 'model.rope_theta', m.rope_theta, 'must be > 0')
+  _require(m.dtype in DTYPES, 'model.dtype', m.dtype, f'one of {", ".join(DTYPES)}')
+  _require(m.init_std > 0, 'model.init_std', m.init_std, 'must be > 0')
+  _require(0 < m.norm_eps < 1, 'model.norm_eps', m.norm_eps, 'must be in (0, 1)')
+  ctx = m.qv_ka.ctx_dim
+  _require(isinstance(ctx, int) and ctx >= 0, 'model.qv_ka.ctx_dim', ctx,
+           'must be an integer >= 0')
+
+
+def mesh_shape(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Resolves the mesh axis sizes (-1 = the devices the other axes leave)."""
+  sizes = [c.mesh[a] for a in MESH_AXES]
+  for axis, size in zip(MESH_AXES, sizes):
+    _require(isinstance(size, int) and (size > 0 or size == -1), f'mesh.{axis}', size,
+             'must be a positive integer or -1')
+  _require(sizes.count(-1) <= 1, 'mesh', dict(zip(MESH_AXES, sizes)), 'at most one axis may be -1')
+  known = 1
+  for s in sizes:
+    known *= s if s > 0 else 1
+  if -1 in sizes:
+    _require(num_devices % known == 0, 'mesh', dict(zip(MESH_AXES, sizes)),
+             f'fixed axes ({known}) must divide the {num_devices} devices')
+    sizes[sizes.index(-1)] = num_devices // known
+  product = 1
+  for s in sizes:
+    product *= s
+  _require(product == num_devices, 'mesh', dict(zip(MESH_AXES, sizes)),
+           f'axis sizes must multiply to the {num_devices} available devices')
+  return tuple(sizes)
+
+
+def global_batch_size(c, num_devices: int) -> int:
+  if c.per_device_batch_size > 0:
+    return c.per_device_batch_size * num_devices
+  return c.global_batch_size
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1,
+             workdir: str | None = None) -> tuple[int, ...]:
+  """Raises ConfigError on the first bad knob; returns the resolved mesh shape."""
+  validate_model(c.model)
+  m = c.model
+  _positive_ints(c, ('seq_len', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
+                     'eval_batches', 'checkpoint_every_steps', 'max_checkpoints_to_keep',
+                     'warmup_steps'))
+  _require((c.global_batch_size > 0) != (c.per_device_batch_size > 0), 'global_batch_size',
+           (c.global_batch_size, c.per_device_batch_size),
+           'set exactly one of global_batch_size and per_device_batch_size > 0, the other -1')
+  for key in ('learning_rate', 'grad_clip_norm'):
+    _require(c[key] > 0, key, c[key], 'must be > 0')
+  _require(0 <= c.end_learning_rate_ratio <= 1, 'end_learning_rate_ratio',
+           c.end_learning_rate_ratio, 'must be in [0, 1]')
+  _require(c.weight_decay >= 0, 'weight_decay', c.weight_decay, 'must be >= 0')
+  for key in ('adam_b1', 'adam_b2'):
+    _require(0 <= c[key] < 1, key, c[key], 'must be in [0, 1)')
+  _require(c.tokenizer.model_type in ('unigram', 'bpe'), 'tokenizer.model_type',
+           c.tokenizer.model_type, 'one of unigram, bpe')
+  _require(c.tokenizer.path == '' or os.path.exists(c.tokenizer.path), 'tokenizer.path',
+           c.tokenizer.path, 'file not found (leave empty to train one into the workdir)')
+  _require(c.sample.temperature >= 0, 'sample.temperature', c.sample.temperature, 'must be >= 0')
+  _require(c.sample.top_k >= 0, 'sample.top_k', c.sample.top_k, 'must be >= 0')
+  _require(c.sample.max_new_tokens >= 0, 'sample.max_new_tokens', c.sample.max_new_tokens,
+           'must be >= 0')
+
+  shape = mesh_shape(c, num_devices)
+  data, fsdp, tensor = shape
+  batch = global_batch_size(c, num_devices)
+  _require(batch % (data * fsdp) == 0, 'global_batch_size', batch,
+           f'must be divisible by mesh data*fsdp = {data * fsdp}')
+  _require(batch % num_processes == 0, 'global_batch_size', batch,
+           f'must be divisible by the {num_processes} processes')
+  for key in ('num_heads', 'mlp_dim', 'vocab_size'):
+    _require(m[key] % tensor == 0, f'model.{key}', m[key],
+             f'must be divisible by mesh.tensor={tensor}')
+  _require(m.emb_dim % fsdp == 0, 'model.emb_dim', m.emb_dim,
+           f'must be divisible by mesh.fsdp={fsdp}')
+  if workdir:
+    parent = os.path.abspath(workdir)
+    while not os.path.exists(parent):
+      parent = os.path.dirname(parent)
+    _require(os.access(parent, os.W_OK), 'workdir', workdir,
+             f'{parent} is not writable')
+  return shape

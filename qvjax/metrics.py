@@ -1,0 +1,80 @@
+"""FLOPs per token per paradigm, the machine's peak, MFU, and the writers.
+
+FLOPs count multiply-adds as 2 and only matmuls. Training = 3x forward.
+Per layer and token, with D = emb_dim, H heads, G KV heads, d = head_dim,
+F = mlp_dim, c = qv_ka.ctx_dim, T = seq_len:
+  qkv    projections 2 * D * (H d + 2 G d) + 2 * H d D
+  qv     projections 2 * D * (H d + G d)   + 2 * H d D
+  qv_ka  qv's + 2 * D * G c + 2 * G (c + d) d   (context vector, key rebuild)
+  all    MLP 2 * 3 * D F;  attention 2 * 2 * H d * T / 2 (causal: half the scores)
+plus the output head 2 * D * V. docs/metrics.md derives these.
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def projection_flops_per_token(m) -> int:
+  """Forward matmul FLOPs of one layer's attention projections, per token."""
+  D, H, G, d = m.emb_dim, m.num_heads, m.num_kv_heads, m.head_dim
+  q_and_o = 2 * D * H * d * 2
+  if m.attention == 'qkv':
+    return q_and_o + 2 * D * 2 * G * d
+  if m.attention == 'qv':
+    return q_and_o + 2 * D * G * d
+  if m.attention == 'qv_ka':
+    c = m.qv_ka.ctx_dim
+    return q_and_o + 2 * D * G * (d + c) + 2 * G * (c + d) * d
+  raise ValueError(f'no FLOPs formula for attention={m.attention!r}')
+
+
+def forward_flops_per_token(m, seq_len: int) -> int:
+  mlp = 2 * 3 * m.emb_dim * m.mlp_dim
+  scores_and_mix = 2 * 2 * m.num_heads * m.head_dim * seq_len // 2
+  layer = projection_flops_per_token(m) + mlp + scores_and_mix
+  return m.num_layers * layer + 2 * m.emb_dim * m.vocab_size
+
+
+def train_flops_per_token(m, seq_len: int) -> int:
+  return 3 * forward_flops_per_token(m, seq_len)
+
+
+def measure_peak_flops(dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> float:
+  """The device's dense matmul rate, measured: the ceiling MFU is judged against
+  on CPU (and a sanity figure elsewhere)."""
+  a = jnp.ones((n, n), dtype)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best
+
+
+def param_count(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+class Writer:
+  """TensorBoard scalars in <workdir>/tb from process 0 only (others no-op)."""
+
+  def __init__(self, logdir: str, enabled: bool):
+    self._tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter  # Imported only where it writes.
+      self._tb = SummaryWriter(logdir)
+
+  def scalars(self, step: int, values: dict):
+    if self._tb is not None:
+      for key, value in values.items():
+        self._tb.add_scalar(key, float(value), step)
+      self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()

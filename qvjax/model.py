@@ -1,0 +1,57 @@
+"""The decoder: embed, pre-norm blocks (RMSNorm, attention, SwiGLU), norm, head."""
+
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from qvjax.attention import make_attention
+from qvjax.layers import RMSNorm, SwiGLU, constrain, param
+
+ACT_AXES = ('batch', 'length', 'act_embed')
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
+    self.attn = make_attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
+    self.mlp = SwiGLU(cfg, rngs)
+
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
+    x_BTD = constrain(x_BTD, ACT_AXES)
+    return constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), ACT_AXES)
+
+
+class Decoder(nnx.Module):
+  """Maps tokens (B, T) to float32 logits (B, T, V)."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    # Frozen: hashable, so it can live in the static graph definition.
+    self.cfg = cfg = ml_collections.FrozenConfigDict(cfg)
+    self.embed_VD = param(rngs, (cfg.vocab_size, cfg.emb_dim), ('vocab', 'embed'), 1.0)
+    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
+    if not cfg.tie_embeddings:
+      self.head_DV = param(rngs, (cfg.emb_dim, cfg.vocab_size), ('embed', 'vocab'),
+                           cfg.init_std)
+
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones_like(tokens_BT)
+    dt = jnp.dtype(self.cfg.dtype)
+    # Unit-variance embeddings scaled by 1/sqrt(D) going in; the tied head
+    # then sees the same matrix at a sensible scale.
+    embed_VD = self.embed_VD[...]
+    x_BTD = (embed_VD[tokens_BT] * self.cfg.emb_dim ** -0.5).astype(dt)
+    x_BTD = constrain(x_BTD, ACT_AXES)
+    for block in self.blocks:
+      x_BTD = block(x_BTD, positions_BT, segment_ids_BT)
+    x_BTD = self.final_norm(x_BTD)
+    head_DV = embed_VD.T * self.cfg.emb_dim ** -0.5 if self.cfg.tie_embeddings else self.head_DV[...]
+    logits_BTV = jnp.einsum('btd,dv->btv', x_BTD, head_DV.astype(dt),
+                            preferred_element_type=jnp.float32)
+    return constrain(logits_BTV, ('batch', 'length', 'act_vocab'))
