@@ -88,7 +88,7 @@ def make_train_step(setup: Setup, mesh):
     loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
     step = opt.step[...]
     opt.update(model, grads)
-    stats = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+    stats = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
              'learning_rate': setup.schedule(step)}
     return (nnx.state(model), nnx.state(opt)), stats
 
