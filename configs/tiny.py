@@ -12,7 +12,7 @@ def get_config():
   c.model.num_kv_heads = 2
   c.model.head_dim = 8
   c.model.mlp_dim = 64
-  c.model.vocab_size = 256
+  c.model.vocab_size = 512
   c.model.qv_ka.ctx_dim = 8
   c.tokenizer.train_max_chars = 200_000
   c.seq_len = 32

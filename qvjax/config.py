@@ -102,6 +102,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
            c.tokenizer.model_type, 'one of unigram, bpe')
   _require(c.tokenizer.path == '' or os.path.exists(c.tokenizer.path), 'tokenizer.path',
            c.tokenizer.path, 'file not found (leave empty to train one into the workdir)')
+  _require(c.tokenizer.path or c.model.vocab_size >= 400, 'model.vocab_size', c.model.vocab_size,
+           'must be >= 400 to train a tokenizer (256 byte pieces + the characters)')
   _require(c.sample.temperature >= 0, 'sample.temperature', c.sample.temperature, 'must be >= 0')
   _require(c.sample.top_k >= 0, 'sample.top_k', c.sample.top_k, 'must be >= 0')
   _require(c.sample.max_new_tokens >= 0, 'sample.max_new_tokens', c.sample.max_new_tokens,

@@ -105,9 +105,9 @@ def test_qv_rope_leaves_summed_values_unrotated():
 @pytest.mark.parametrize('attention,kv', [('qkv', 4), ('qkv', 1), ('qv', 2), ('qv_ka', 2)])
 def test_changing_a_token_never_changes_earlier_logits(attention, kv):
   model = Decoder(model_cfg(attention, kv), nnx.Rngs(0))
-  tokens = jax.random.randint(jax.random.key(1), (1, T), 0, 256)
+  tokens = jax.random.randint(jax.random.key(1), (1, T), 0, 512)
   t = 7
-  changed = tokens.at[0, t].set((tokens[0, t] + 1) % 256)
+  changed = tokens.at[0, t].set((tokens[0, t] + 1) % 512)
   a, b = np.asarray(model(tokens)), np.asarray(model(changed))
   np.testing.assert_allclose(a[:, :t], b[:, :t], **TOL)
   assert np.abs(a[:, t:] - b[:, t:]).min(axis=-1).max() > 1e-4
@@ -115,7 +115,7 @@ def test_changing_a_token_never_changes_earlier_logits(attention, kv):
 
 def test_documents_in_one_row_do_not_see_each_other():
   model = Decoder(model_cfg('qv', 2), nnx.Rngs(0))
-  tokens = jax.random.randint(jax.random.key(1), (1, T), 0, 256)
+  tokens = jax.random.randint(jax.random.key(1), (1, T), 0, 512)
   seg = jnp.array([[1] * 5 + [2] * 7])
   pos = jnp.array([list(range(5)) + list(range(7))])
   packed = model(tokens, pos, seg)

@@ -94,7 +94,7 @@ def train(config: ml_collections.ConfigDict) -> bytes:
       pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
       user_defined_symbols=['\n'],
       byte_fallback=True,
-      character_coverage=1.0,
+      character_coverage=0.9995,  # Rare characters fall back to bytes.
       normalization_rule_name='identity',
       remove_extra_whitespaces=False,
       add_dummy_prefix=False,  # Words after '\n' look like line starts.
