@@ -24,7 +24,6 @@ def checkpoint_dir(workdir: str) -> str:
 def make_manager(workdir: str, config, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.max_checkpoints_to_keep,
-      save_interval_steps=config.checkpoint_every_steps,
       enable_async_checkpointing=True,
       read_only=read_only,
   )
@@ -36,10 +35,10 @@ def _abstract(tree, shardings):
                       tree, shardings)
 
 
-def save(manager, step: int, state, data_iter, meta: dict, force: bool = False) -> bool:
-  """Starts an async save of (model, optimizer) state; True if one started."""
+def save(manager, step: int, state, data_iter, meta: dict) -> None:
+  """Starts an async save of (model, optimizer) state and the data position."""
   model_state, opt_state = state
-  return manager.save(step, force=force, args=ocp.args.Composite(
+  manager.save(step, force=True, args=ocp.args.Composite(
       params=ocp.args.StandardSave(nnx.to_pure_dict(model_state)),
       opt_state=ocp.args.StandardSave(nnx.to_pure_dict(opt_state)),
       data=grain.checkpoint.CheckpointSave(data_iter),

@@ -10,6 +10,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qvjax import config as config_lib
+from qvjax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py).',
@@ -26,13 +27,12 @@ def main(argv):
     sys.exit(2)
   c = FLAGS.config
   workdir = FLAGS.workdir or os.path.join('runs', c.name)
-  # Fail on a bad knob in well under a second, before JAX starts.
+  # Every bad knob fails here, before data, tokenizer or compile.
   try:
-    config_lib.validate_model(c.model)
-    import jax  # Deferred so that bad configs fail fast.
+    import jax
     config_lib.validate(c, jax.device_count(), jax.process_count(), workdir)
+    workdir_lib.claim(workdir, c, write=jax.process_index() == 0)
     from qvjax import train
-    os.makedirs(workdir, exist_ok=True)
     train.train_and_evaluate(c, workdir)
   except config_lib.ConfigError as e:
     print(f'error: {e}', file=sys.stderr)

@@ -10,6 +10,8 @@ F = mlp_dim, c = qv_ka.ctx_dim, T = seq_len:
 plus the output head 2 * D * V. docs/metrics.md derives these.
 """
 
+import json
+import os
 import time
 
 import jax
@@ -61,20 +63,28 @@ def param_count(tree) -> int:
 
 
 class Writer:
-  """TensorBoard scalars in <workdir>/tb from process 0 only (others no-op)."""
+  """Scalars from process 0 only (others no-op): TensorBoard events in
+  <workdir>/tb and the same numbers as JSON lines in <workdir>/metrics.jsonl,
+  for scripts and the experiment runner."""
 
-  def __init__(self, logdir: str, enabled: bool):
-    self._tb = None
+  def __init__(self, workdir: str, enabled: bool):
+    self._tb = self._jsonl = None
     if enabled:
       from tensorboardX import SummaryWriter  # Imported only where it writes.
-      self._tb = SummaryWriter(logdir)
+      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
 
   def scalars(self, step: int, values: dict):
-    if self._tb is not None:
-      for key, value in values.items():
-        self._tb.add_scalar(key, float(value), step)
-      self._tb.flush()
+    if self._tb is None:
+      return
+    values = {k: float(v) for k, v in values.items()}
+    for key, value in values.items():
+      self._tb.add_scalar(key, value, step)
+    self._tb.flush()
+    self._jsonl.write(json.dumps({'step': step, **values}) + '\n')
+    self._jsonl.flush()
 
   def close(self):
     if self._tb is not None:
       self._tb.close()
+      self._jsonl.close()

@@ -146,7 +146,7 @@ def train_and_evaluate(c, workdir: str):
       c, tokenizer, local_batch_size=local_batch, num_batches=c.eval_batches,
       process_index=jax.process_index(), process_count=jax.process_count())
 
-  writer = metrics.Writer(f'{workdir}/tb', enabled=is_lead)
+  writer = metrics.Writer(workdir, enabled=is_lead)
   manager = checkpoint.make_manager(workdir, c)
   with jax.set_mesh(mesh), spmd.logical_axis_rules(rules):
     setup = build(c, mesh)
@@ -217,8 +217,8 @@ def train_and_evaluate(c, workdir: str):
         if progress is not None:
           progress.write(f'step {step}: train loss {result["loss"]:.4f}, eval loss '
                          f'{ev["eval_loss"]:.4f}, perplexity {ev["eval_perplexity"]:.2f}')
-      checkpoint.save(manager, step, state, train_iter, meta | {'step': step},
-                      force=step == c.num_train_steps)
+      if step % c.checkpoint_every_steps == 0 or step == c.num_train_steps:
+        checkpoint.save(manager, step, state, train_iter, meta | {'step': step})
     if pending is not None:
       result.update(report(*pending))
     if progress is not None:

@@ -1,0 +1,51 @@
+"""Workdir safety: a workdir belongs to one model. <workdir>/run.json records
+what fixes a checkpoint's meaning (model, tokenizer, seq_len); a later run
+with a different value there is refused instead of clobbering the old run.
+"""
+
+import json
+import os
+
+from qvjax.config import ConfigError
+
+RECORD = 'run.json'
+
+
+def identity(c) -> dict:
+  return {'model': c.model.to_dict(), 'tokenizer': c.tokenizer.to_dict(),
+          'seq_len': c.seq_len, 'dataset': c.dataset.name}
+
+
+def _first_difference(old, new, prefix=''):
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key), new.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      found = _first_difference(a, b, f'{prefix}{key}.')
+      if found:
+        return found
+    elif a != b:
+      return f'{prefix}{key}', a, b
+  return None
+
+
+def claim(workdir: str, c, write: bool) -> bool:
+  """Checks (and on first use, when `write`, records) the workdir's run.
+  Returns True if the workdir already held this run."""
+  path = os.path.join(workdir, RECORD)
+  new = identity(c)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    diff = _first_difference(old, new)
+    if diff:
+      key, was, now = diff
+      raise ConfigError(f'config.{key}={now!r} is invalid for workdir {workdir}: it holds a '
+                        f'run with {key}={was!r}; use another --workdir or the same config')
+    return True
+  if write:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = f'{path}.tmp-{os.getpid()}'
+    with open(tmp, 'w') as f:
+      json.dump(new, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+  return False

@@ -1,0 +1,84 @@
+"""The main job end to end on configs/tiny.py: train, evaluate, checkpoint,
+resume, sample; bad input refused with one line and exit code 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def run(workdir, data_dir, *overrides, timeout=600):
+  cmd = [sys.executable, '-m', 'qvjax.main', '--config=configs/tiny.py',
+         f'--workdir={workdir}', f'--config.dataset.data_dir={data_dir}',
+         '--config.log_every_steps=1', *overrides]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  return {r['step']: r['loss'] for r in rows if 'loss' in r}
+
+
+@pytest.mark.slow
+def test_train_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir):
+  straight, split = tmp_path / 'straight', tmp_path / 'split'
+  first = run(straight, data_dir)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert 'Final eval loss' in first.stdout and '--- sample ---' in first.stdout
+  assert sorted(os.listdir(straight / 'checkpoints')) == ['3', '6']
+  assert any(f.startswith('events') for f in os.listdir(straight / 'tb'))
+
+  half = run(split, data_dir, '--config.num_train_steps=3')
+  assert half.returncode == 0, half.stderr[-3000:]
+  resumed = run(split, data_dir, '--config.num_train_steps=6')
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resuming from the checkpoint at step 3' in resumed.stdout
+  a, b = losses(straight), losses(split)
+  assert sorted(b) == [1, 2, 3, 4, 5, 6]
+  # Params, optimiser state and the data position are all restored, so the
+  # resumed steps are the same computation: equal to float32 rounding.
+  np.testing.assert_allclose([b[s] for s in (4, 5, 6)], [a[s] for s in (4, 5, 6)], rtol=1e-6)
+
+  again = run(split, data_dir, '--config.num_train_steps=6')
+  assert again.returncode == 0 and 'Already trained to step 6' in again.stdout
+
+
+@pytest.mark.parametrize('override,needle', [
+    ('--config.model.attention=kqv', 'config.model.attention'),
+    ('--config.model.num_kv_heads=3', 'config.model.num_kv_heads=3'),
+    ('--config.mesh.data=3', 'config.mesh'),
+    ('--config.model.position=learned', 'config.model.position'),
+    ('--config.model.attention=mla', 'not implemented yet'),
+    ('--config.learning_rate=-1.0', 'config.learning_rate'),
+])
+def test_bad_config_is_one_line_and_exit_code_2(tmp_path, data_dir, override, needle):
+  result = run(tmp_path / 'w', data_dir, override, timeout=120)
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and needle in lines[0], result.stderr[-2000:]
+  assert not (tmp_path / 'w').exists()  # Nothing written for a bad config.
+
+
+def test_workdir_of_another_model_is_refused(tmp_path, data_dir):
+  workdir = tmp_path / 'w'
+  workdir.mkdir()
+  from configs import tiny
+  from qvjax import workdir as workdir_lib
+  other = tiny.get_config()
+  other.model.num_layers = 3
+  workdir_lib.claim(str(workdir), other, write=True)
+  result = run(workdir, data_dir, timeout=120)
+  assert result.returncode == 2
+  assert 'model.num_layers=2' in result.stderr and 'holds a run' in result.stderr
+  assert os.listdir(workdir) == ['run.json']
