@@ -16,7 +16,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where the run writes; default runs/<config.name>.')
-flags.DEFINE_enum('mode', 'train', ['train'], 'What to do.')
+flags.DEFINE_enum('mode', 'train', ['train'], 'train: train (resuming) and evaluate.')
 
 
 def main(argv):
