@@ -26,6 +26,7 @@ def make_manager(workdir: str, config, read_only: bool = False) -> ocp.Checkpoin
       max_to_keep=config.max_checkpoints_to_keep,
       enable_async_checkpointing=True,
       read_only=read_only,
+      create=not read_only,
   )
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
@@ -62,6 +63,10 @@ def restore(manager, step: int, abstract_state, shardings, data_iter):
   nnx.replace_by_pure_dict(model_abs, restored.params)
   nnx.replace_by_pure_dict(opt_abs, restored.opt_state)
   return (model_abs, opt_abs), restored.meta
+
+
+def restore_meta(manager, step: int) -> dict:
+  return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
 
 def restore_params(manager, step: int, model_abstract, model_shardings):

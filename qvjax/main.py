@@ -1,4 +1,4 @@
-"""Entry point: `python -m qvjax.main --config=configs/qv_small.py [--workdir=DIR]`.
+"""Entry point: `python -m qvjax.main --config=configs/qv_small.py [--workdir=DIR] [--mode=...]`.
 
 Every host of a multi-host job runs the same command.
 """
@@ -16,7 +16,31 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where the run writes; default runs/<config.name>.')
-flags.DEFINE_enum('mode', 'train', ['train'], 'train: train (resuming) and evaluate.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
+                  'train: train (resuming) and evaluate; eval: score a checkpoint.')
+flags.DEFINE_integer('step', None, '--mode=eval: the checkpoint step (default: latest).')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0, for multi-process runs outside TPU pods, '
+                    'SLURM and Open MPI (which are detected).')
+flags.DEFINE_integer('num_processes', None, 'With --coordinator_address: how many.')
+flags.DEFINE_integer('process_id', None, 'With --coordinator_address: this one, from 0.')
+flags.DEFINE_integer('distributed_timeout', 300,
+                     'Seconds to wait for every process to join.')
+
+
+def dispatch(c, workdir: str):
+  import jax  # After the flags parse, so --help and usage errors stay instant.
+  from qvjax import distributed
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                         FLAGS.distributed_timeout)
+  config_lib.validate(c, jax.device_count(), jax.process_count(), workdir)
+  if FLAGS.mode == 'eval':
+    from qvjax import evaluate
+    evaluate.run(c, workdir, FLAGS.step)
+    return
+  workdir_lib.claim(workdir, c, write=jax.process_index() == 0)
+  from qvjax import loop
+  loop.train_and_evaluate(c, workdir)
 
 
 def main(argv):
@@ -27,18 +51,21 @@ def main(argv):
     sys.exit(2)
   c = FLAGS.config
   workdir = FLAGS.workdir or os.path.join('runs', c.name)
-  # Every bad knob fails here, before data, tokenizer or compile.
   try:
-    import jax
-    config_lib.validate(c, jax.device_count(), jax.process_count(), workdir)
-    workdir_lib.claim(workdir, c, write=jax.process_index() == 0)
-    from qvjax import train
-    train.train_and_evaluate(c, workdir)
+    # Every bad knob fails here, before data, tokenizer or any compile.
+    config_lib.validate_model(c.model)
+    if FLAGS.mode == 'train':
+      workdir_lib.claim(workdir, c, write=False)
+    dispatch(c, workdir)
   except config_lib.ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 
 
-if __name__ == '__main__':
+def run():
   logging.set_verbosity(logging.WARNING)
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -58,6 +58,19 @@ def measure_peak_flops(dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> fl
   return 2 * n ** 3 / best
 
 
+def token_byte_lengths(tokenizer, size: int) -> np.ndarray:
+  """UTF-8 bytes each token id stands for (byte pieces 1, control ids 0),
+  the denominator of bits per byte; ids beyond the tokenizer count 0."""
+  sp = tokenizer.processor
+  lengths = np.zeros(size, np.float32)
+  for i in range(min(size, sp.get_piece_size())):
+    if sp.is_byte(i):
+      lengths[i] = 1
+    elif not (sp.is_control(i) or sp.is_unknown(i)):
+      lengths[i] = len(sp.id_to_piece(i).replace('\u2581', ' ').encode('utf-8'))
+  return lengths
+
+
 def param_count(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 

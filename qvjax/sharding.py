@@ -13,6 +13,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from qvjax import config as config_lib
 from qvjax.config import MESH_AXES
 
 
@@ -20,6 +21,11 @@ def make_mesh(shape: tuple[int, ...], devices=None) -> jax.sharding.Mesh:
   """Auto axes: XLA propagates shardings between our explicit constraints."""
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape),
                        devices=devices)
+
+
+def mesh_for(c) -> jax.sharding.Mesh:
+  """The mesh a config asks for over all devices of all processes."""
+  return make_mesh(config_lib.mesh_shape(c, jax.device_count()))
 
 
 def logical_rules(model: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):

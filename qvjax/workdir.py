@@ -16,11 +16,12 @@ def identity(c) -> dict:
           'seq_len': c.seq_len, 'dataset': c.dataset.name}
 
 
-def _first_difference(old, new, prefix=''):
+def first_difference(old: dict, new: dict, prefix: str = ''):
+  """(dotted key, old value, new value) of the first difference, or None."""
   for key in sorted(set(old) | set(new)):
     a, b = old.get(key), new.get(key)
     if isinstance(a, dict) and isinstance(b, dict):
-      found = _first_difference(a, b, f'{prefix}{key}.')
+      found = first_difference(a, b, f'{prefix}{key}.')
       if found:
         return found
     elif a != b:
@@ -36,7 +37,7 @@ def claim(workdir: str, c, write: bool) -> bool:
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    diff = _first_difference(old, new)
+    diff = first_difference(old, new)
     if diff:
       key, was, now = diff
       raise ConfigError(f'config.{key}={now!r} is invalid for workdir {workdir}: it holds a '
