@@ -23,7 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.mlp_dim = 768  # Hidden width of the SwiGLU MLP.
   # Must equal the tokenizer's vocabulary size (checked at start-up).
   m.vocab_size = 2048
-  m.position = 'rope'  # rope | none (more schemes: see docs/attention.md).
+  # rope | alibi | agf | sinusoidal | none: formulas in docs/attention.md.
+  m.position = 'rope'
   m.rope_theta = 10_000.0
   m.tie_embeddings = True  # Output head = embedding matrix transposed.
   m.norm_eps = 1e-6
@@ -33,6 +34,21 @@ def get_config() -> ml_collections.ConfigDict:
   m.qv_ka = ml_collections.ConfigDict()
   # Per-KV-head width of the context vector G = x W_ctx; 0 gives K = V W_K.
   m.qv_ka.ctx_dim = 64
+  # agf: bias -alpha_h * log(1 + distance), alpha_h = softplus(learned) >= 0;
+  # heads start log-spaced from init_max down to init_min.
+  m.agf = ml_collections.ConfigDict()
+  m.agf.init_max = 2.0
+  m.agf.init_min = 0.125
+  # mla / mla_qv (DeepSeek-V2 latent attention; head_dim and num_kv_heads
+  # are unused there). The defaults give the *_small setups about qkv's
+  # attention parameter count with a cache of r + p = 160 numbers per token
+  # and layer (qkv: 2 * 4 * 64 = 512).
+  m.mla = ml_collections.ConfigDict()
+  m.mla.q_lora_rank = 0  # 0 = a plain W_Q; > 0 = W_DQ, RMSNorm, W_UQ.
+  m.mla.kv_lora_rank = 128  # r: width of the cached latent c.
+  m.mla.qk_nope_head_dim = 64  # n: per-head content query/key width (= v for mla_qv).
+  m.mla.qk_rope_head_dim = 32  # p: decoupled rope query/key width, key shared by heads.
+  m.mla.v_head_dim = 64  # e: per-head value width.
 
   d = c.dataset = ml_collections.ConfigDict()
   d.name = 'shakespeare'  # A TFDS name; 'shakespeare' is the embedded corpus.

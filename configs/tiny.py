@@ -14,6 +14,10 @@ def get_config():
   c.model.mlp_dim = 64
   c.model.vocab_size = 512
   c.model.qv_ka.ctx_dim = 8
+  c.model.mla.kv_lora_rank = 16
+  c.model.mla.qk_nope_head_dim = 8
+  c.model.mla.qk_rope_head_dim = 4
+  c.model.mla.v_head_dim = 8
   c.tokenizer.train_max_chars = 200_000
   c.seq_len = 32
   c.global_batch_size = 8

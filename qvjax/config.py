@@ -6,9 +6,8 @@ import os
 
 import ml_collections
 
-from qvjax.attention import PARADIGMS, PLANNED
-
-POSITIONS = ('rope', 'none')
+from qvjax.attention import MLA_PARADIGMS, PARADIGMS
+from qvjax.positions import POSITIONS
 DTYPES = ('float32', 'bfloat16')
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
@@ -30,9 +29,6 @@ def _positive_ints(c, keys):
 def validate_model(m: ml_collections.ConfigDict):
   """Checks the model section alone (also used when loading checkpoints)."""
   valid = ', '.join(PARADIGMS)
-  if m.attention in PLANNED:
-    raise ConfigError(f'config.model.attention={m.attention!r} is not implemented yet; '
-                      f'implemented: {valid}')
   _require(m.attention in PARADIGMS, 'model.attention', m.attention, f'one of {valid}')
   for key in ('num_layers', 'emb_dim', 'num_heads', 'num_kv_heads', 'head_dim',
               'mlp_dim', 'vocab_size'):
@@ -41,8 +37,8 @@ def validate_model(m: ml_collections.ConfigDict):
   _require(m.num_heads % m.num_kv_heads == 0, 'model.num_kv_heads', m.num_kv_heads,
            f'must divide model.num_heads={m.num_heads} (1 = MQA, {m.num_heads} = MHA)')
   _require(m.position in POSITIONS, 'model.position', m.position, f'one of {", ".join(POSITIONS)}')
-  _require(m.position != 'rope' or m.head_dim % 2 == 0, 'model.head_dim', m.head_dim,
-           'must be even with rope positions')
+  _require(m.position != 'rope' or m.head_dim % 2 == 0 or m.attention in MLA_PARADIGMS,
+           'model.head_dim', m.head_dim, 'must be even with rope positions')
   _require(m.rope_theta > 0, 'model.rope_theta', m.rope_theta, 'must be > 0')
   _require(m.dtype in DTYPES, 'model.dtype', m.dtype, f'one of {", ".join(DTYPES)}')
   _require(m.init_std > 0, 'model.init_std', m.init_std, 'must be > 0')
@@ -50,6 +46,29 @@ def validate_model(m: ml_collections.ConfigDict):
   ctx = m.qv_ka.ctx_dim
   _require(isinstance(ctx, int) and ctx >= 0, 'model.qv_ka.ctx_dim', ctx,
            'must be an integer >= 0')
+  if m.position == 'agf':
+    _require(m.agf.init_max >= m.agf.init_min > 0, 'model.agf',
+             (m.agf.init_min, m.agf.init_max), 'needs init_max >= init_min > 0')
+  if m.attention in MLA_PARADIGMS:
+    _validate_mla(m)
+
+
+def _validate_mla(m):
+  mla = m.mla
+  for key in ('kv_lora_rank', 'qk_nope_head_dim', 'v_head_dim'):
+    _require(isinstance(mla[key], int) and mla[key] > 0, f'model.mla.{key}', mla[key],
+             'must be a positive integer')
+  for key in ('q_lora_rank', 'qk_rope_head_dim'):
+    _require(isinstance(mla[key], int) and mla[key] >= 0, f'model.mla.{key}', mla[key],
+             'must be an integer >= 0 (q_lora_rank 0 = plain W_Q)')
+  rope = mla.qk_rope_head_dim
+  _require(m.position != 'rope' or (rope > 0 and rope % 2 == 0), 'model.mla.qk_rope_head_dim',
+           rope, 'must be even and > 0 with rope positions (the decoupled rope key)')
+  if m.attention == 'mla_qv':
+    _require(mla.qk_nope_head_dim == mla.v_head_dim, 'model.mla.qk_nope_head_dim',
+             mla.qk_nope_head_dim,
+             f'must equal model.mla.v_head_dim={mla.v_head_dim} for mla_qv '
+             '(its content key is the value c W_UV)')
 
 
 def mesh_shape(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:

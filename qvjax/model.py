@@ -1,9 +1,13 @@
-"""The decoder: embed, pre-norm blocks (RMSNorm, attention, SwiGLU), norm, head."""
+"""The decoder: embed, pre-norm blocks (RMSNorm, attention, SwiGLU), norm, head.
+
+`extend` runs the same blocks over a KV cache (qvjax.decode drives it).
+"""
 
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from qvjax import positions
 from qvjax.attention import make_attention
 from qvjax.layers import RMSNorm, SwiGLU, constrain, param
 
@@ -18,10 +22,18 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
     self.mlp = SwiGLU(cfg, rngs)
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
-    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
-    x_BTD = constrain(x_BTD, ACT_AXES)
+  def residual_mlp(self, x_BTD, attn_BTD):
+    x_BTD = constrain(x_BTD + attn_BTD, ACT_AXES)
     return constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), ACT_AXES)
+
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    return self.residual_mlp(x_BTD, self.attn(self.attn_norm(x_BTD), positions_BT,
+                                              segment_ids_BT))
+
+  def extend(self, x_BTD, positions_BT, cache, index, kv_positions_BS, mask_B1TS):
+    attn_BTD, cache = self.attn.extend(self.attn_norm(x_BTD), positions_BT, cache, index,
+                                       kv_positions_BS, mask_B1TS)
+    return self.residual_mlp(x_BTD, attn_BTD), cache
 
 
 class Decoder(nnx.Module):
@@ -37,21 +49,42 @@ class Decoder(nnx.Module):
       self.head_DV = param(rngs, (cfg.emb_dim, cfg.vocab_size), ('embed', 'vocab'),
                            cfg.init_std)
 
+  def embed(self, tokens_BT, positions_BT):
+    # Unit-variance embeddings scaled by 1/sqrt(D) going in; the tied head
+    # then sees the same matrix at a sensible scale.
+    scale = self.cfg.emb_dim ** -0.5
+    x_BTD = self.embed_VD[...][tokens_BT] * scale
+    if self.cfg.position == 'sinusoidal':
+      # The same scale keeps Vaswani et al.'s ratio of position to token
+      # signal (their embeddings are multiplied by sqrt(D), ours start at 1).
+      x_BTD = x_BTD + positions.sinusoidal(positions_BT, self.cfg.emb_dim) * scale
+    return constrain(x_BTD.astype(jnp.dtype(self.cfg.dtype)), ACT_AXES)
+
+  def logits(self, x_BTD):
+    x_BTD = self.final_norm(x_BTD)
+    if self.cfg.tie_embeddings:
+      head_DV = self.embed_VD[...].T * self.cfg.emb_dim ** -0.5
+    else:
+      head_DV = self.head_DV[...]
+    logits_BTV = jnp.einsum('btd,dv->btv', x_BTD, head_DV.astype(x_BTD.dtype),
+                            preferred_element_type=jnp.float32)
+    return constrain(logits_BTV, ('batch', 'length', 'act_vocab'))
+
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones_like(tokens_BT)
-    dt = jnp.dtype(self.cfg.dtype)
-    # Unit-variance embeddings scaled by 1/sqrt(D) going in; the tied head
-    # then sees the same matrix at a sensible scale.
-    embed_VD = self.embed_VD[...]
-    x_BTD = (embed_VD[tokens_BT] * self.cfg.emb_dim ** -0.5).astype(dt)
-    x_BTD = constrain(x_BTD, ACT_AXES)
+    x_BTD = self.embed(tokens_BT, positions_BT)
     for block in self.blocks:
       x_BTD = block(x_BTD, positions_BT, segment_ids_BT)
-    x_BTD = self.final_norm(x_BTD)
-    head_DV = embed_VD.T * self.cfg.emb_dim ** -0.5 if self.cfg.tie_embeddings else self.head_DV[...]
-    logits_BTV = jnp.einsum('btd,dv->btv', x_BTD, head_DV.astype(dt),
-                            preferred_element_type=jnp.float32)
-    return constrain(logits_BTV, ('batch', 'length', 'act_vocab'))
+    return self.logits(x_BTD)
+
+  def extend(self, tokens_BT, positions_BT, caches, index, kv_positions_BS, mask_B1TS):
+    """Runs tokens through the blocks against per-layer caches; (logits, caches)."""
+    x_BTD = self.embed(tokens_BT, positions_BT)
+    new_caches = []
+    for block, cache in zip(self.blocks, caches):
+      x_BTD, cache = block.extend(x_BTD, positions_BT, cache, index, kv_positions_BS, mask_B1TS)
+      new_caches.append(cache)
+    return self.logits(x_BTD), new_caches

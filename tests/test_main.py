@@ -59,11 +59,12 @@ def test_train_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir):
     ('--config.model.num_kv_heads=3', 'config.model.num_kv_heads=3'),
     ('--config.mesh.data=3', 'config.mesh'),
     ('--config.model.position=learned', 'config.model.position'),
-    ('--config.model.attention=mla', 'not implemented yet'),
+    ('--config.model.attention=mla_qv --config.model.mla.v_head_dim=4',
+     'config.model.mla.qk_nope_head_dim'),
     ('--config.learning_rate=-1.0', 'config.learning_rate'),
 ])
 def test_bad_config_is_one_line_and_exit_code_2(tmp_path, data_dir, override, needle):
-  result = run(tmp_path / 'w', data_dir, override, timeout=120)
+  result = run(tmp_path / 'w', data_dir, *override.split(), timeout=120)
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and needle in lines[0], result.stderr[-2000:]

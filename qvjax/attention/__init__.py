@@ -1,9 +1,7 @@
-"""Registry: config name (`model.attention`) -> attention module class.
+"""Registry: config name (`model.attention`) -> attention module class."""
 
-'mla' and 'mla_qv' are named here so configs and errors know them, but are
-not implemented yet (issue 3): asking for them fails at config validation.
-"""
-
+from qvjax.attention.mla import MLAttention
+from qvjax.attention.mla_qv import MLAQVAttention
 from qvjax.attention.qkv import QKVAttention
 from qvjax.attention.qv import QVAttention
 from qvjax.attention.qv_ka import QVKaAttention
@@ -12,8 +10,10 @@ PARADIGMS = {
     'qkv': QKVAttention,
     'qv': QVAttention,
     'qv_ka': QVKaAttention,
+    'mla': MLAttention,
+    'mla_qv': MLAQVAttention,
 }
-PLANNED = ('mla', 'mla_qv')
+MLA_PARADIGMS = ('mla', 'mla_qv')
 
 
 def make_attention(cfg, rngs):

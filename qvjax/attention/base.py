@@ -1,10 +1,15 @@
-"""What every paradigm shares: the query and output projections, the mask,
-and the attention op. A paradigm only says how it makes keys and values.
+"""What every head-based paradigm (qkv, qv, qv_ka) shares: the query and
+output projections, the mask, position biases and the attention op. A
+paradigm says only what it caches per token and how keys and values are
+rebuilt from that.
+
+The full forward pass and cached decoding run the same code: the forward
+computes every token's cache entries and attends over them; decoding writes
+the new tokens' entries into a preallocated cache and attends over that.
 
 Shapes: x (B, T, D); H query heads of width d; G key/value heads, each serving
-H/G query heads. GQA is never computed by repeating K/V:
-`jax.nn.dot_product_attention` groups the query heads per KV head itself
-(and picks cuDNN flash attention on GPU, XLA on CPU).
+H/G query heads; S key/value slots. GQA is never computed by repeating K/V:
+`jax.nn.dot_product_attention` groups the query heads per KV head itself.
 """
 
 import jax
@@ -26,14 +31,62 @@ def attention_mask(segment_ids_BT):
   return (causal_TT & same_doc_BTT)[:, None]
 
 
-class Attention(nnx.Module):
-  """Base class: subclasses implement `keys_values(x, positions)`."""
+def write(cache, entries, index, layout):
+  """Writes the new tokens' entries at slot `index` of each (B, S, ...) array,
+  keeping the cache's dtype and activation-like sharding."""
+  out = {}
+  for name, array in cache.items():
+    new = entries[name].astype(array.dtype)
+    out[name] = constrain(jax.lax.dynamic_update_slice_in_dim(array, new, index, 1),
+                          layout[name][1])
+  return out
+
+
+class CachedAttention(nnx.Module):
+  """Any paradigm: the forward pass and decoding, from what it caches.
+
+  Subclasses define `cache_layout` (static), `cache_entries` and `attend`.
+  """
+
+  @staticmethod
+  def cache_layout(cfg) -> dict:
+    """name -> (per-token shape, logical axes of the (B, S, ...) cache array)."""
+    raise NotImplementedError
+
+  def cache_entries(self, x_BTD, positions_BT) -> dict:
+    """What this paradigm caches for the tokens x: name -> (B, T, ...)."""
+    raise NotImplementedError
+
+  def attend(self, x_BTD, positions_BT, entries, kv_positions_BS, mask_B1TS):
+    """x's queries against the keys/values that `entries` (B, S, ...) hold."""
+    raise NotImplementedError
+
+  def attend_cached(self, x_BTD, positions_BT, cache, kv_positions_BS, mask_B1TS):
+    """Decoding's attention over the cache; MLA overrides it with its absorbed form."""
+    return self.attend(x_BTD, positions_BT, cache, kv_positions_BS, mask_B1TS)
+
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    entries = self.cache_entries(x_BTD, positions_BT)
+    return self.attend(x_BTD, positions_BT, entries, positions_BT,
+                       attention_mask(segment_ids_BT))
+
+  def extend(self, x_BTD, positions_BT, cache, index, kv_positions_BS, mask_B1TS):
+    """Writes x's entries at slots index, index+1, ... and attends over the
+    whole cache (the mask hides slots not written yet). Returns (out, cache)."""
+    layout = self.cache_layout(self.cfg)
+    cache = write(cache, self.cache_entries(x_BTD, positions_BT), index, layout)
+    return self.attend_cached(x_BTD, positions_BT, cache, kv_positions_BS, mask_B1TS), cache
+
+
+class Attention(CachedAttention):
+  """Head-based paradigms: subclasses define the cache and `keys_values`."""
 
   def __init__(self, cfg, rngs: nnx.Rngs):
     self.cfg = cfg
     D, H, d = cfg.emb_dim, cfg.num_heads, cfg.head_dim
     self.w_q_DHd = param(rngs, (D, H, d), ('embed', 'heads', 'head_dim'), cfg.init_std)
     self.w_o_HdD = param(rngs, (H, d, D), ('heads', 'head_dim', 'embed'), out_std(cfg))
+    self.agf_raw_H = positions.agf_param(cfg) if cfg.position == 'agf' else None
 
   def kv_param(self, rngs, width=None, std=None):
     """A (D, G, width) projection onto the key/value heads."""
@@ -41,17 +94,20 @@ class Attention(nnx.Module):
     shape = (cfg.emb_dim, cfg.num_kv_heads, width or cfg.head_dim)
     return param(rngs, shape, ('embed', 'kv_heads', 'head_dim'), std or cfg.init_std)
 
-  def keys_values(self, x_BTD, positions_BT):
-    """Returns (keys, values), each (B, T, G, d); keys already position-encoded."""
+  def keys_values(self, entries, positions_BS):
+    """Keys (position-encoded) and values, each (B, S, G, d), from entries."""
     raise NotImplementedError
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+  def attend(self, x_BTD, positions_BT, entries, kv_positions_BS, mask_B1TS):
+    """Queries of x against the keys/values rebuilt from `entries`."""
     dt = x_BTD.dtype
     q_BTHd = jnp.einsum('btd,dhk->bthk', x_BTD, self.w_q_DHd[...].astype(dt))
     q_BTHd = constrain(positions.rotate(q_BTHd, positions_BT, self.cfg), Q_AXES)
-    k_BTGd, v_BTGd = self.keys_values(x_BTD, positions_BT)
-    k_BTGd, v_BTGd = constrain(k_BTGd, KV_AXES), constrain(v_BTGd, KV_AXES)
-    out_BTHd = jax.nn.dot_product_attention(
-        q_BTHd, k_BTGd, v_BTGd, mask=attention_mask(segment_ids_BT))
+    k_BSGd, v_BSGd = self.keys_values(entries, kv_positions_BS)
+    k_BSGd, v_BSGd = constrain(k_BSGd, KV_AXES), constrain(v_BSGd, KV_AXES)
+    bias_BHTS = positions.bias(self.cfg, self.agf_raw_H, positions_BT, kv_positions_BS)
+    out_BTHd = jax.nn.dot_product_attention(q_BTHd, k_BSGd, v_BSGd, bias=bias_BHTS,
+                                            mask=mask_B1TS)
     out_BTHd = constrain(out_BTHd, Q_AXES)
     return jnp.einsum('bthk,hkd->btd', out_BTHd, self.w_o_HdD[...].astype(dt))
+

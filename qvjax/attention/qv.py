@@ -2,13 +2,15 @@
 
 scores = q . v / sqrt(d). Positions rotate a key-role copy of v; the values
 that are summed stay unrotated, so position never leaks into the output.
-The cache needs V only: half of QKV's at the same KV head count.
+The cache holds V only (G d numbers per token and layer: half of QKV's at the
+same KV head count); decoding re-rotates the cached values into keys at each
+step, an elementwise cost paid for the halved memory.
 """
 
 import jax.numpy as jnp
 
 from qvjax import positions
-from qvjax.attention.base import Attention
+from qvjax.attention.base import KV_AXES, Attention
 
 
 class QVAttention(Attention):
@@ -17,6 +19,13 @@ class QVAttention(Attention):
     super().__init__(cfg, rngs)
     self.w_v_DGd = self.kv_param(rngs)
 
-  def keys_values(self, x_BTD, positions_BT):
-    v_BTGd = jnp.einsum('btd,dgk->btgk', x_BTD, self.w_v_DGd[...].astype(x_BTD.dtype))
-    return positions.rotate(v_BTGd, positions_BT, self.cfg), v_BTGd
+  @staticmethod
+  def cache_layout(cfg):
+    return {'v': ((cfg.num_kv_heads, cfg.head_dim), KV_AXES)}
+
+  def cache_entries(self, x_BTD, positions_BT):
+    return {'v': jnp.einsum('btd,dgk->btgk', x_BTD, self.w_v_DGd[...].astype(x_BTD.dtype))}
+
+  def keys_values(self, entries, positions_BS):
+    v_BSGd = entries['v']
+    return positions.rotate(v_BSGd, positions_BS, self.cfg), v_BSGd

@@ -6,12 +6,16 @@ small context vector of the layer's (normalised) input.
 With c = 0 and W_K = I this is exactly QV. Reading "ctx" as the layer input is
 our choice where the paper is silent (docs/attention.md). W_K starts with a
 variance-preserving normal init (std 1/sqrt(c + d)) so k has v's scale.
+
+The cache holds v and g, G (d + c) numbers per token and layer; decoding
+rebuilds K from them at every step (2 G (c + d) d FLOPs per cached token),
+trading compute for memory as the paper proposes.
 """
 
 import jax.numpy as jnp
 
 from qvjax import positions
-from qvjax.attention.base import Attention
+from qvjax.attention.base import KV_AXES, Attention
 from qvjax.layers import param
 
 
@@ -25,12 +29,25 @@ class QVKaAttention(Attention):
     self.w_k_Gid = param(rngs, (G, c + d, d), ('kv_heads', 'ka_in', 'head_dim'),
                          (c + d) ** -0.5)
 
-  def keys_values(self, x_BTD, positions_BT):
+  @staticmethod
+  def cache_layout(cfg):
+    G, c = cfg.num_kv_heads, cfg.qv_ka.ctx_dim
+    layout = {'v': ((G, cfg.head_dim), KV_AXES)}
+    if c:
+      layout['ctx'] = ((G, c), KV_AXES)
+    return layout
+
+  def cache_entries(self, x_BTD, positions_BT):
     dt = x_BTD.dtype
-    v_BTGd = jnp.einsum('btd,dgk->btgk', x_BTD, self.w_v_DGd[...].astype(dt))
-    key_in = v_BTGd
+    entries = {'v': jnp.einsum('btd,dgk->btgk', x_BTD, self.w_v_DGd[...].astype(dt))}
     if self.w_ctx_DGc is not None:
-      g_BTGc = jnp.einsum('btd,dgc->btgc', x_BTD, self.w_ctx_DGc[...].astype(dt))
-      key_in = jnp.concatenate([g_BTGc, v_BTGd], axis=-1)
-    k_BTGd = jnp.einsum('btgi,gik->btgk', key_in, self.w_k_Gid[...].astype(dt))
-    return positions.rotate(k_BTGd, positions_BT, self.cfg), v_BTGd
+      entries['ctx'] = jnp.einsum('btd,dgc->btgc', x_BTD, self.w_ctx_DGc[...].astype(dt))
+    return entries
+
+  def keys_values(self, entries, positions_BS):
+    v_BSGd = entries['v']
+    key_in = v_BSGd
+    if 'ctx' in entries:
+      key_in = jnp.concatenate([entries['ctx'], v_BSGd], axis=-1)
+    k_BSGd = jnp.einsum('bsgi,gik->bsgk', key_in, self.w_k_Gid[...].astype(v_BSGd.dtype))
+    return positions.rotate(k_BSGd, positions_BS, self.cfg), v_BSGd
