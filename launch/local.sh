@@ -28,7 +28,8 @@ for ((i = 0; i < N; i++)); do
   env XLA_FLAGS="--xla_force_host_platform_device_count=$((DEVICES / N))" JAX_PLATFORMS=cpu \
     $PY -m qvjax.main "$@" --coordinator_address="127.0.0.1:$PORT" \
     --num_processes="$N" --process_id="$i" \
-    > >(if ((i == 0)); then cat; else sed -u "s/^/[$i] /"; fi) 2>&1 &
+    > >(trap '' INT TERM  # The log filters outlive a Ctrl-C: no broken pipes.
+        if ((i == 0)); then exec cat; else exec sed -u "s/^/[$i] /"; fi) 2>&1 &
   pids+=($!)
 done
 trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
