@@ -84,11 +84,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 200
   c.max_checkpoints_to_keep = 3
 
-  # Mesh axis sizes; -1 takes the devices the others leave.
+  # Mesh axis sizes within one slice (ICI); -1 takes the devices the others leave.
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # Axis sizes across slices (DCN), multiplying the above; their product is the
+  # number of slices (TPU multislice) or, off TPU, of processes grouped as slices.
+  # Usually only data > 1: gradients cross the slow network once per step.
+  c.dcn_mesh = ml_collections.ConfigDict()
+  c.dcn_mesh.data = 1
+  c.dcn_mesh.fsdp = 1
+  c.dcn_mesh.tensor = 1
 
   s = c.sample = ml_collections.ConfigDict()
   s.prompt = 'ROMEO:'

@@ -5,6 +5,7 @@ before anything is compiled or written.
 import os
 
 import ml_collections
+import numpy as np
 
 from qvjax.attention import MLA_PARADIGMS, PARADIGMS
 from qvjax.positions import POSITIONS
@@ -71,26 +72,43 @@ def _validate_mla(m):
              '(its content key is the value c W_UV)')
 
 
-def mesh_shape(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
-  """Resolves the mesh axis sizes (-1 = the devices the other axes leave)."""
-  sizes = [c.mesh[a] for a in MESH_AXES]
-  for axis, size in zip(MESH_AXES, sizes):
-    _require(isinstance(size, int) and (size > 0 or size == -1), f'mesh.{axis}', size,
+def _resolve(sizes: dict, num_devices: int, key: str) -> tuple[int, ...]:
+  for axis, size in sizes.items():
+    _require(isinstance(size, int) and (size > 0 or size == -1), f'{key}.{axis}', size,
              'must be a positive integer or -1')
-  _require(sizes.count(-1) <= 1, 'mesh', dict(zip(MESH_AXES, sizes)), 'at most one axis may be -1')
-  known = 1
-  for s in sizes:
-    known *= s if s > 0 else 1
-  if -1 in sizes:
-    _require(num_devices % known == 0, 'mesh', dict(zip(MESH_AXES, sizes)),
+  values = list(sizes.values())
+  _require(values.count(-1) <= 1, key, sizes, 'at most one axis may be -1')
+  known = int(np.prod([s for s in values if s > 0]))
+  if -1 in values:
+    _require(num_devices % known == 0, key, sizes,
              f'fixed axes ({known}) must divide the {num_devices} devices')
-    sizes[sizes.index(-1)] = num_devices // known
-  product = 1
-  for s in sizes:
-    product *= s
-  _require(product == num_devices, 'mesh', dict(zip(MESH_AXES, sizes)),
-           f'axis sizes must multiply to the {num_devices} available devices')
-  return tuple(sizes)
+    values[values.index(-1)] = num_devices // known
+  _require(int(np.prod(values)) == num_devices, key, dict(zip(sizes, values)),
+           f'axis sizes must multiply to the {num_devices} devices')
+  return tuple(values)
+
+
+def slices(c) -> int:
+  return int(np.prod([c.dcn_mesh[a] for a in MESH_AXES]))
+
+
+def mesh_shapes(c, num_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(within-slice, across-slice) axis sizes; the mesh is their product."""
+  dcn = {a: c.dcn_mesh[a] for a in MESH_AXES}
+  for axis, size in dcn.items():
+    _require(isinstance(size, int) and size > 0, f'dcn_mesh.{axis}', size,
+             'must be a positive integer')
+  n = slices(c)
+  _require(num_devices % n == 0, 'dcn_mesh', dcn,
+           f'{n} slices must divide the {num_devices} devices')
+  ici = _resolve({a: c.mesh[a] for a in MESH_AXES}, num_devices // n, 'mesh')
+  return ici, tuple(dcn.values())
+
+
+def mesh_shape(c, num_devices: int) -> tuple[int, ...]:
+  """The resolved mesh axis sizes (data, fsdp, tensor) over all devices."""
+  ici, dcn = mesh_shapes(c, num_devices)
+  return tuple(i * d for i, d in zip(ici, dcn))
 
 
 def global_batch_size(c, num_devices: int) -> int:
@@ -128,6 +146,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
   _require(c.sample.max_new_tokens >= 0, 'sample.max_new_tokens', c.sample.max_new_tokens,
            'must be >= 0')
 
+  n = slices(c)
+  _require(n == 1 or num_processes % n == 0, 'dcn_mesh', c.dcn_mesh.to_dict(),
+           f'{n} slices must divide the {num_processes} processes (each slice whole processes)')
   shape = mesh_shape(c, num_devices)
   data, fsdp, tensor = shape
   batch = global_batch_size(c, num_devices)

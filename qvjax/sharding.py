@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from qvjax import config as config_lib
@@ -24,8 +25,20 @@ def make_mesh(shape: tuple[int, ...], devices=None) -> jax.sharding.Mesh:
 
 
 def mesh_for(c) -> jax.sharding.Mesh:
-  """The mesh a config asks for over all devices of all processes."""
-  return make_mesh(config_lib.mesh_shape(c, jax.device_count()))
+  """The mesh a config asks for over all devices of all processes. With
+  several slices the axes are laid out so that only dcn_mesh axes cross the
+  data-center network (a TPU slice, or elsewhere one process, per granule)."""
+  ici, dcn = config_lib.mesh_shapes(c, jax.device_count())
+  n = config_lib.slices(c)
+  if n == 1:
+    return make_mesh(ici)
+  if jax.devices()[0].platform != 'tpu' and n != jax.process_count():
+    raise config_lib.ConfigError(
+        f'config.dcn_mesh={c.dcn_mesh.to_dict()} is invalid: off TPU each process is one '
+        f'slice, so the dcn axes must multiply to the {jax.process_count()} processes')
+  devices = mesh_utils.create_hybrid_device_mesh(
+      ici, dcn, jax.devices(), process_is_granule=jax.devices()[0].platform != 'tpu')
+  return jax.sharding.Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(ici))
 
 
 def logical_rules(model: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
