@@ -19,7 +19,6 @@ key, empty split, a split too small for the hosts) raises
 qvjax.config.ConfigError naming what was asked and what exists.
 """
 
-import functools
 import os
 import time
 
@@ -49,7 +48,17 @@ def data_root(config: ml_collections.ConfigDict) -> str:
 
 def _first_line(e: Exception) -> str:
   text = str(e).strip()
-  return text.splitlines()[0] if text else type(e).__name__
+  return text.splitlines()[0].rstrip('.: ') if text else type(e).__name__
+
+
+def _configs_of(name: str) -> str:
+  """'; its configs: a, b' for a registered builder with configs, else ''."""
+  try:
+    configs = sorted(tfds.builder_cls(name.split(':')[0].split('/')[0]).builder_configs)
+  except Exception:  # pylint: disable=broad-except  (only for the message)
+    return ''
+  shown = ', '.join(configs[:20]) + (', ...' if len(configs) > 20 else '')
+  return f'; its configs: {shown}' if configs else ''
 
 
 def prepared_in(root: str, limit: int = 12) -> list[str]:
@@ -69,18 +78,13 @@ def prepared_in(root: str, limit: int = 12) -> list[str]:
   return found[:limit] + (['...'] if len(found) > limit else [])
 
 
-@functools.lru_cache(maxsize=16)
-def _text_files_config(files: str, text_key: str, eval_every: int):
-  return text_files.builder_config(files, text_key, eval_every)
-
-
 def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   name = config.dataset.name
   data_dir = config.dataset.data_dir or None  # None: the TFDS default dir.
   try:
     if name == text_files.NAME:
-      d = config.dataset
-      cfg = _text_files_config(d.files, d.text_key, d.files_eval_every)
+      d = config.dataset  # Resolved on every call: files may have changed.
+      cfg = text_files.builder_config(d.files, d.text_key, d.files_eval_every)
       return text_files.TextFiles(config=cfg.name, data_dir=data_dir)
     return tfds.builder(name, data_dir=data_dir)
   except ConfigError:
@@ -89,7 +93,8 @@ def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     root = data_root(config)
     raise ConfigError(
         f'config.dataset.name={name!r} is neither a TFDS builder known here nor'
-        f' prepared in {root} (prepared there: {prepared_in(root) or "nothing"};'
+        f' prepared in {root} (prepared there:'
+        f' {", ".join(prepared_in(root)) or "nothing"};'
         f' local builders: {", ".join(LOCAL_BUILDERS)}); if it is a TFDS'
         f' dataset, {_PREPARE_HINT.format(name=name, root=root)}') from e
   except ImportError as e:  # gs:// needs gcsfs when TensorFlow is absent.
@@ -97,7 +102,7 @@ def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
                       f" needs gcsfs (pip install 'qvjax[gcs]'): {e}") from e
   except Exception as e:  # pylint: disable=broad-except  (e.g. a bad config name)
     raise ConfigError(f'config.dataset.name={name!r} is invalid:'
-                      f' {_first_line(e)}') from e
+                      f' {_first_line(e)}{_configs_of(name)}') from e
 
 
 def _prepare(builder: tfds.core.DatasetBuilder) -> None:

@@ -18,6 +18,7 @@ instead of silently reusing a stale one.
 """
 
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import os
@@ -37,19 +38,38 @@ def _has_wildcard(part: str) -> bool:
   return any(c in part for c in _WILDCARDS)
 
 
+def _walk(root: epath.Path):
+  """Every file below root (local or gs://)."""
+  for folder, _, names in root.walk():
+    for name in names:
+      yield epath.Path(folder) / name
+
+
+def _match(parts: list[str], pattern: list[str]) -> bool:
+  """fnmatch over path segments, with '**' matching any number of them."""
+  if not pattern:
+    return not parts
+  if pattern[0] == '**':
+    return any(_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+  return (bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0])
+          and _match(parts[1:], pattern[1:]))
+
+
 def _glob(pattern: str) -> list[epath.Path]:
   """Files matching one folder or glob pattern (local or gs://)."""
   path = epath.Path(pattern)
   if not _has_wildcard(pattern):
     if path.is_dir():
-      return [p for p in path.glob('**/*') if p.suffix in EXTENSIONS]
+      return [p for p in _walk(path) if p.suffix in EXTENSIONS]
     return [path] if path.exists() else []
   # Split into the longest wildcard-free folder and the pattern below it.
-  parts = pattern.split('/')
+  parts = pattern.rstrip('/').split('/')
   first = next(i for i, part in enumerate(parts) if _has_wildcard(part))
-  root = '/'.join(parts[:first]) or ('/' if pattern.startswith('/') else '.')
-  return [p for p in epath.Path(root).glob('/'.join(parts[first:]))
-          if not p.is_dir()]
+  root = epath.Path('/'.join(parts[:first]) or ('/' if pattern.startswith('/') else '.'))
+  below = parts[first:]
+  if '**' not in below:  # epath's glob: one level per segment, also on gs://.
+    return [p for p in root.glob('/'.join(below)) if not p.is_dir()]
+  return [p for p in _walk(root) if _match(list(p.relative_to(root).parts), below)]
 
 
 def resolve(files: str) -> list[epath.Path]:
