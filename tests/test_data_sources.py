@@ -156,7 +156,7 @@ def test_text_files_reads_a_folder_of_documents(files_config, tmp_path):
   _write(corpus, {
       'a.txt': 'Alpha.\n\nStill alpha.\n',
       'b.md': '# Beta\n\nSome *markdown*.',
-      'sub/c.jsonl': '{"text": "gamma one"}\n\n{"text": "gamma two", "id": 7}\n'
+      'sub/c.jsonl': '{"text": "gamma one"}\n\n{"text": "gamma two\u2028", "id": 7}\n'
                      '"delta as a bare string"\n{"text": "   "}\n',
       'blank.txt': '  \n',
       'notes.csv': 'ignored,in,a,folder\n',
@@ -167,7 +167,7 @@ def test_text_files_reads_a_folder_of_documents(files_config, tmp_path):
       f'{corpus}/a.txt': 'Alpha.\n\nStill alpha.\n',
       f'{corpus}/b.md': '# Beta\n\nSome *markdown*.',
       f'{corpus}/sub/c.jsonl:1': 'gamma one',
-      f'{corpus}/sub/c.jsonl:3': 'gamma two',
+      f'{corpus}/sub/c.jsonl:3': 'gamma two\u2028',  # Not a line break.
       f'{corpus}/sub/c.jsonl:4': 'delta as a bare string',
   }
   # Fewer than files_eval_every documents: the last one is held out.
@@ -245,6 +245,24 @@ def test_text_files_end_to_end(files_config, tmp_path):
   with pytest.raises(ConfigError, match=r'vocab_size=5000 .*train_max_chars'):
     data.get_tokenizer(c, str(tmp_path / 'other'))
   assert 'tensorflow' not in sys.modules
+
+
+@pytest.mark.parametrize('key, value, expected', [
+    ('dataset.num_workers', -1, 'must be an integer >= 0'),
+    ('dataset.read_threads', 0, 'must be an integer >= 1'),
+    ('dataset.files_eval_every', 1, 'must be an integer >= 2'),
+    ('dataset.train_split', '', 'must be a non-empty string'),
+    ('tokenizer.model_type', 'wordpiece', 'one of unigram, bpe'),
+    ('tokenizer.vocab_size', 4096, 'must be <= model.vocab_size=2048'),
+])
+def test_config_values_are_checked(config, key, value, expected):
+  c = config.copy_and_resolve_references()
+  block, name = key.split('.')
+  c[block][name] = value
+  with pytest.raises(ConfigError, match=f'config.{key}=.* is invalid: {expected}'):
+    data.validate_config(c)
+  with pytest.raises(ConfigError, match=expected):
+    data.get_source(c, 'train')
 
 
 def test_prepared_in_lists_datasets(config):

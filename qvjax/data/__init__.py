@@ -1,5 +1,6 @@
 """Data: TFDS sources, SentencePiece tokenizer, packed grain batches."""
 
+from qvjax.data.options import validate_config
 from qvjax.data.pipeline import make_eval_batches
 from qvjax.data.pipeline import make_train_iterator
 from qvjax.data.pipeline import train_documents
@@ -22,4 +23,5 @@ __all__ = [
     'tokenizer_fingerprint',
     'tokenizer_vocab_size',
     'train_documents',
+    'validate_config',
 ]

@@ -30,6 +30,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import file_adapters
 
 from qvjax.config import ConfigError
+from qvjax.data import options
 from qvjax.data import shakespeare  # pylint: disable=unused-import  (registers the builder)
 from qvjax.data import text_files
 
@@ -140,6 +141,7 @@ def _wait_for(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """The prepared builder of config.dataset.name, checked for ArrayRecord
   files and for config.dataset.text_key."""
+  options.validate_config(config)
   name = config.dataset.name
   builder = _builder(config)
   if not builder.is_prepared():

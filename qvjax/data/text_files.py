@@ -147,32 +147,38 @@ def documents(config: TextFilesConfig) -> Iterator[tuple[str, str]]:
   """Yields (source, text) of every non-blank document, in order."""
   for name in config.files:
     path = epath.Path(name)
-    # Undecodable bytes become U+FFFD instead of failing a whole corpus.
-    text = path.read_bytes().decode('utf-8', errors='replace')
     if path.suffix != '.jsonl':
+      # Undecodable bytes become U+FFFD instead of failing a whole corpus.
+      text = path.read_bytes().decode('utf-8', errors='replace')
       if text.strip():
         yield name, text
       continue
-    for number, line in enumerate(text.splitlines(), 1):
-      if not line.strip():
-        continue
-      where = f'{name}:{number}'
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ConfigError(f'{where} is not valid JSON ({e.msg}); text_files'
-                          ' reads one JSON object per .jsonl line') from e
-      if isinstance(record, dict):
-        if config.text_key not in record:
-          raise ConfigError(
-              f'config.dataset.text_key={config.text_key!r} is not a field of'
-              f' {where}; its fields: {sorted(record)}')
-        record = record[config.text_key]
-      if not isinstance(record, str):
-        raise ConfigError(f'{where}: the text must be a JSON string, got'
-                          f' {type(record).__name__}')
-      if record.strip():
-        yield where, record
+    with path.open('rb') as f:  # Streamed: .jsonl files can be large.
+      for number, raw in enumerate(f, 1):
+        text = _jsonl_text(raw, f'{name}:{number}', config.text_key)
+        if text is not None and text.strip():
+          yield f'{name}:{number}', text
+
+
+def _jsonl_text(raw: bytes, where: str, text_key: str) -> str | None:
+  line = raw.decode('utf-8', errors='replace')
+  if not line.strip():
+    return None
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f'{where} is not valid JSON ({e.msg}); text_files'
+                      ' reads one JSON object per .jsonl line') from e
+  if isinstance(record, dict):
+    if text_key not in record:
+      raise ConfigError(
+          f'config.dataset.text_key={text_key!r} is not a field of {where};'
+          f' its fields: {sorted(record)}')
+    record = record[text_key]
+  if not isinstance(record, str):
+    raise ConfigError(f'{where}: the text must be a JSON string, got'
+                      f' {type(record).__name__}')
+  return record
 
 
 class TextFiles(tfds.core.GeneratorBasedBuilder):

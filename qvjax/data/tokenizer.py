@@ -31,6 +31,7 @@ import ml_collections
 import sentencepiece as spm
 
 from qvjax.config import ConfigError
+from qvjax.data import options
 from qvjax.data import sources
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -235,6 +236,7 @@ def get_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
   If neither exists, process 0 trains one and renames it into place (so no
   process ever reads a half-written file); the others wait for it.
   """
+  options.validate_config(config)
   if config.tokenizer.path:
     return load(config.tokenizer.path)
   path = epath.Path(workdir) / 'tokenizer' / 'spm.model'
