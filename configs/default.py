@@ -50,18 +50,37 @@ def get_config() -> ml_collections.ConfigDict:
   m.mla.qk_rope_head_dim = 32  # p: decoupled rope query/key width, key shared by heads.
   m.mla.v_head_dim = 64  # e: per-head value width.
 
+  # Data: see docs/data.md. Every split key takes any TFDS split string
+  # ('train', 'train[:90%]', 'train[10:]', 'train+validation').
   d = c.dataset = ml_collections.ConfigDict()
-  d.name = 'shakespeare'  # A TFDS name; 'shakespeare' is the embedded corpus.
-  d.data_dir = ''  # Where TFDS data lives; '' = TFDS default (~/tensorflow_datasets).
-  d.text_key = 'text'
+  # A TFDS dataset prepared as ArrayRecord ('lm1b', 'c4/en', your own), or a
+  # local builder: 'shakespeare' (embedded) or 'text_files' (dataset.files).
+  d.name = 'shakespeare'
+  # Where TFDS data lives, local or gs:// (with gcsfs); '' = TFDS default
+  # ($TFDS_DATA_DIR or ~/tensorflow_datasets). Shared by all hosts.
+  d.data_dir = ''
+  d.text_key = 'text'  # The text feature; for text_files also the .jsonl field.
   d.train_split = 'train'
-  d.eval_split = 'validation'
-  d.shuffle = True
+  d.eval_split = 'validation'  # lm1b has none: use 'test' there.
+  # text_files only: a folder, glob or comma-separated list of .txt/.md/.jsonl
+  # files (local or gs://); .txt/.md = one document, .jsonl = one per line.
+  d.files = ''
+  d.files_eval_every = 20  # text_files: every Nth document is 'validation'.
+  d.shuffle = True  # Train documents, per host, a new order every epoch.
   d.num_workers = 0  # grain worker processes; 0 = in the main process.
+  # Batches prepared ahead: per worker, or by one thread when num_workers=0.
+  d.prefetch = 2
+  d.read_threads = 2  # Threads reading and tokenising documents (per worker).
+  d.read_prefetch = 32  # Documents they keep ready.
 
   t = c.tokenizer = ml_collections.ConfigDict()
-  t.path = ''  # A SentencePiece .model; '' = train one into <workdir>/tokenizer.
+  # A SentencePiece .model (local or gs://); '' = train one into
+  # <workdir>/tokenizer from a bounded sample of the train split.
+  t.path = ''
   t.model_type = 'unigram'  # unigram | bpe
+  # Pieces to train; 0 = model.vocab_size. May be below model.vocab_size
+  # (padded for sharding); never above it.
+  t.vocab_size = 0
   t.train_max_chars = 3_000_000  # Bounded sample of the train split for training.
 
   c.seq_len = 128

@@ -15,10 +15,24 @@ Batch dict, every array of shape (local_batch_size, seq_len):
   weights        float32  1 where the target is the next token of the same
                           document, 0 across a document boundary and on
                           padding (the loss mask)
+
+Attention must stay inside a document: the model attends from position q to
+k iff k <= q and segment_ids[q] == segment_ids[k]
+(qvjax.attention.base.attention_mask), and the segment ids here change
+exactly where a new document ([bos]) starts.
+
+Train order (per host): the host's block of the train split
+(`tfds.split_for_jax_process` semantics), shuffled with config.seed and
+repeated forever; epoch e is a fresh permutation (grain shuffles with seed
++ e), every document is seen exactly once per epoch, and packing runs across
+the epoch boundary. The run length is config.num_train_steps, not epochs.
+Eval order: the eval split in its stored order, never shuffled: the same
+rows for every evaluation, every run and any host count.
 """
 
 import itertools
 
+from absl import flags
 import grain
 import ml_collections
 import numpy as np
@@ -45,9 +59,10 @@ class _Tokenize(grain.transforms.Map):
 def _packed(docs: grain.MapDataset, tokenizer, config) -> grain.IterDataset:
   """Tokenised, packed rows of seq_len + 1 tokens (+ segment ids, positions)."""
   docs = docs.map(_Tokenize(tokenizer, config.dataset.text_key))
-  # Few threads: tokenising a document takes well under a millisecond.
-  rows = docs.to_iter_dataset(grain.ReadOptions(num_threads=2,
-                                                prefetch_buffer_size=32))
+  # Threads read and tokenise documents ahead, in order.
+  rows = docs.to_iter_dataset(grain.ReadOptions(
+      num_threads=config.dataset.read_threads,
+      prefetch_buffer_size=config.dataset.read_prefetch))
   return grain.experimental.ConcatThenSplitIterDataset(
       rows, length_struct={'tokens': config.seq_len + 1})
 
@@ -65,26 +80,56 @@ def to_model_batch(rows: dict) -> dict:
   }
 
 
+def train_documents(config: ml_collections.ConfigDict, *, process_index: int,
+                    process_count: int) -> grain.MapDataset:
+  """This host's train documents, in the order the host reads them, forever.
+
+  Element i of epoch e is at index e * n + i, n = the host's block size.
+  """
+  source = sources.get_source(config, config.dataset.train_split,
+                              process_index=process_index,
+                              process_count=process_count)
+  docs = grain.MapDataset.source(source)
+  if config.dataset.shuffle:
+    docs = docs.shuffle(seed=config.seed)  # Seed + epoch: new order per epoch.
+  return docs.repeat()
+
+
+def _ensure_absl_flags() -> None:
+  """grain's multiprocessing reads its absl flags. Under absl's app.run
+  (qvjax.main, qvjax.data.bench) they are parsed; elsewhere (tests, a
+  notebook) take their defaults, as app.run would with no arguments."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def make_train_iterator(config: ml_collections.ConfigDict,
                         tokenizer: Tokenizer, *, local_batch_size: int,
                         process_index: int, process_count: int):
   """An endless, checkpointable grain iterator of this host's train batches.
 
-  Hosts take disjoint documents, `source[process_index::process_count]`;
-  each shuffles its shard with config.seed, and grain reseeds every epoch.
+  Documents: `train_documents`. Batches are prepared ahead: by
+  config.dataset.num_workers processes (each packs its own slice of the
+  documents; the batch order depends on num_workers, so keep it when
+  resuming) with config.dataset.prefetch batches each, or with no workers by
+  one background thread keeping config.dataset.prefetch batches ready.
   Save/restore the iterator with `get_state`/`set_state`, or in orbax with
-  `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`.
+  `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`; a restored
+  iterator yields exactly the batches the saved one would have. Call
+  `close()` when done (it stops worker processes).
   """
-  source = sources.get_source(config, config.dataset.train_split)
-  docs = grain.MapDataset.source(source)[process_index::process_count]
-  if config.dataset.shuffle:
-    docs = docs.shuffle(seed=config.seed)
-  docs = docs.repeat()  # Forever; each epoch in a new order.
+  docs = train_documents(config, process_index=process_index,
+                         process_count=process_count)
   batches = _packed(docs, tokenizer, config).batch(
       local_batch_size, drop_remainder=True).map(to_model_batch)
-  if config.dataset.num_workers > 0:
-    batches = batches.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=config.dataset.num_workers))
+  d = config.dataset
+  if d.num_workers > 0:
+    _ensure_absl_flags()
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=d.num_workers, per_worker_buffer_size=max(d.prefetch, 1)))
+  elif d.prefetch > 0:
+    batches = grain.experimental.ThreadPrefetchIterDataset(
+        batches, prefetch_buffer_size=d.prefetch)
   return iter(batches)
 
 
@@ -101,8 +146,6 @@ def make_eval_batches(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
   count.
   """
   source = sources.get_source(config, config.dataset.eval_split)
-  if len(source) == 0:
-    raise ValueError(f'Eval split {config.dataset.eval_split!r} is empty.')
   global_size = local_batch_size * process_count
   rows = _packed(grain.MapDataset.source(source), tokenizer, config)
   batches = []
