@@ -96,6 +96,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.adam_b1 = 0.9
   c.adam_b2 = 0.95
   c.grad_clip_norm = 1.0
+  # A step whose loss or gradients are not finite: 'stop' (keep the last good
+  # checkpoint, name the step and the first bad quantity, exit 1) or 'skip'
+  # (drop that update, count it; stop after max_consecutive_nonfinite in a row).
+  c.nonfinite_policy = 'stop'
+  c.max_consecutive_nonfinite = 10
 
   c.log_every_steps = 10
   c.eval_every_steps = 200

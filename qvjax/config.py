@@ -17,6 +17,10 @@ class ConfigError(ValueError):
   """A bad configuration value; main prints it as one line and exits 2."""
 
 
+class RunStopped(RuntimeError):
+  """A run that cannot go on (e.g. a non-finite loss); main prints one line, exits 1."""
+
+
 def _require(ok: bool, key: str, value, valid: str):
   if not ok:
     raise ConfigError(f'config.{key}={value!r} is invalid: {valid}')
@@ -133,6 +137,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
   _require(0 <= c.end_learning_rate_ratio <= 1, 'end_learning_rate_ratio',
            c.end_learning_rate_ratio, 'must be in [0, 1]')
   _require(c.weight_decay >= 0, 'weight_decay', c.weight_decay, 'must be >= 0')
+  _require(c.nonfinite_policy in ('stop', 'skip'), 'nonfinite_policy', c.nonfinite_policy,
+           'one of stop, skip')
+  _require(isinstance(c.max_consecutive_nonfinite, int) and c.max_consecutive_nonfinite > 0,
+           'max_consecutive_nonfinite', c.max_consecutive_nonfinite, 'must be a positive integer')
   for key in ('adam_b1', 'adam_b2'):
     _require(0 <= c[key] < 1, key, c[key], 'must be in [0, 1)')
   _require(c.tokenizer.model_type in ('unigram', 'bpe'), 'tokenizer.model_type',

@@ -3,19 +3,51 @@
 import time
 
 import jax
+import numpy as np
 from absl import logging
 from flax.core import spmd
 
 from qvjax import checkpoint, config as config_lib, data, metrics, preemption, sharding, train
 
 
+class NonFiniteError(config_lib.RunStopped):
+  """Training stopped on a non-finite loss or gradient (main exits 1)."""
+
+
+class NonFiniteGuard:
+  """Applies config.nonfinite_policy to each step's loss and gradients."""
+
+  def __init__(self, c, names: list[str]):
+    self.c, self.names = c, names
+    self.consecutive = self.skipped = 0
+
+  def check(self, step: int, loss: float, grad_norm: float, grads_finite) -> None:
+    bad = None
+    if not np.isfinite(loss):
+      bad = f'loss={loss}'
+    elif not np.isfinite(grad_norm):
+      first = self.names[int(np.argmin(grads_finite))] if not grads_finite.all() else '?'
+      bad = f'gradient of {first} (grad_norm={grad_norm})'
+    if bad is None:
+      self.consecutive = 0
+      return
+    self.consecutive += 1
+    if self.c.nonfinite_policy == 'stop' or self.consecutive > self.c.max_consecutive_nonfinite:
+      raise NonFiniteError(
+          f'step {step}: {bad} is not finite (nonfinite_policy={self.c.nonfinite_policy}, '
+          f'{self.consecutive} in a row); the last checkpoint before it is kept')
+    self.skipped += 1
+    logging.warning('step %d: %s is not finite; update skipped (%d so far)', step, bad,
+                    self.skipped)
+
+
 class Reporter:
   """Turns step statistics into tokens/s and MFU, for the progress bar and
   the writers. Process 0 alone shows a bar."""
 
-  def __init__(self, c, writer, start: int, tokens_per_step: int, flops_per_token: float,
-               peak: float, show: bool):
-    self.c, self.writer, self.peak = c, writer, peak
+  def __init__(self, c, writer, guard: NonFiniteGuard, start: int, tokens_per_step: int,
+               flops_per_token: float, peak: float, show: bool):
+    self.c, self.writer, self.guard, self.peak = c, writer, guard, peak
     self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
     self.last_time, self.last_step = time.perf_counter(), start
     self.bar = None
@@ -25,7 +57,11 @@ class Reporter:
 
   def step(self, step: int, stats) -> dict:
     """Reads one step's (already computed) statistics; logs every log_every_steps."""
-    stats = {k: float(v) for k, v in jax.device_get(stats).items()}
+    stats = jax.device_get(stats)
+    grads_finite = stats.pop('grads_finite')
+    stats = {k: float(v) for k, v in stats.items()}
+    self.guard.check(step, stats['loss'], stats['grad_norm'], grads_finite)
+    stats['skipped_updates'] = self.guard.skipped
     if step % self.c.log_every_steps and step != self.c.num_train_steps:
       return stats
     now = time.perf_counter()
@@ -91,35 +127,43 @@ def train_and_evaluate(c, workdir: str) -> dict:
             f'{flops_per_token / 1e6:.1f} MFLOPs/token, peak {peak / 1e9:.1f} GFLOP/s '
             f'(measured matmul), mesh {sharding.describe(mesh)}, global batch {batch_size}',
             flush=True)
-    reporter = Reporter(c, writer, start, batch_size * c.seq_len, flops_per_token, peak, is_lead)
+    guard = NonFiniteGuard(c, train.param_names(setup))
+    reporter = Reporter(c, writer, guard, start, batch_size * c.seq_len, flops_per_token, peak,
+                        is_lead)
     stopper = preemption.Preemption()
     step, pending, preempted, result = start, None, False, {}
-    while step < c.num_train_steps and not preempted:
-      state, stats = train_step(state, train.to_global(next(train_iter), mesh))
-      step += 1
-      # The previous step's numbers are read only now, after this step is
-      # dispatched, so the device never waits on the host.
+    try:
+      while step < c.num_train_steps and not preempted:
+        state, stats = train_step(state, train.to_global(next(train_iter), mesh))
+        step += 1
+        # The previous step's numbers are read only now, after this step is
+        # dispatched, so the device never waits on the host.
+        if pending is not None:
+          result.update(reporter.step(*pending))
+        pending = (step, stats)
+        if reporter.bar is not None:
+          reporter.bar.update(1)
+        preempted = stopper.reached(step)
+        evaluate_now = step % c.eval_every_steps == 0 or step == c.num_train_steps
+        save_now = preempted or step % c.checkpoint_every_steps == 0 or step == c.num_train_steps
+        if evaluate_now or save_now:
+          # Checked before it is saved: a non-finite state never reaches disk.
+          result.update(reporter.step(*pending))
+          pending = None
+        if evaluate_now:
+          ev = train.evaluate(eval_step, state[0], eval_batches, token_bytes_V, mesh)
+          writer.scalars(step, ev)
+          result.update(ev)
+          reporter.say(f'step {step}: train loss {result["loss"]:.4f}, eval loss '
+                       f'{ev["eval_loss"]:.4f}, perplexity {ev["eval_perplexity"]:.2f}')
+        if save_now:
+          checkpoint.save(manager, step, state, train_iter, meta | {'step': step})
       if pending is not None:
         result.update(reporter.step(*pending))
-      pending = (step, stats)
-      if reporter.bar is not None:
-        reporter.bar.update(1)
-      if step % c.eval_every_steps == 0 or step == c.num_train_steps:
-        result.update(reporter.step(*pending))
-        pending = None
-        ev = train.evaluate(eval_step, state[0], eval_batches, token_bytes_V, mesh)
-        writer.scalars(step, ev)
-        result.update(ev)
-        reporter.say(f'step {step}: train loss {result["loss"]:.4f}, eval loss '
-                     f'{ev["eval_loss"]:.4f}, perplexity {ev["eval_perplexity"]:.2f}')
-      preempted = stopper.reached(step)
-      if preempted or step % c.checkpoint_every_steps == 0 or step == c.num_train_steps:
-        checkpoint.save(manager, step, state, train_iter, meta | {'step': step})
-    stopper.close()
-    if pending is not None:
-      result.update(reporter.step(*pending))
-    reporter.close()
-    manager.wait_until_finished()
+    finally:
+      stopper.close()
+      reporter.close()
+      manager.wait_until_finished()
     if preempted:
       logging.warning('Stopped by signal at step %d', step)
       if is_lead:

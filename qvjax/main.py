@@ -60,6 +60,9 @@ def main(argv):
   except config_lib.ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except config_lib.RunStopped as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
 
 
 def run():

@@ -31,6 +31,9 @@ def make_optimizer(c) -> tuple[optax.GradientTransformation, optax.Schedule]:
       optax.clip_by_global_norm(c.grad_clip_norm),
       optax.adamw(schedule, b1=c.adam_b1, b2=c.adam_b2, weight_decay=c.weight_decay,
                   mask=decay_mask))
+  if c.nonfinite_policy == 'skip':
+    # Leaves params and moments untouched on a non-finite step.
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=c.max_consecutive_nonfinite)
   return tx, schedule
 
 
@@ -87,11 +90,18 @@ def make_train_step(setup: Setup, mesh):
     loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
     step = opt.step[...]
     opt.update(model, grads)
+    finite_leaves = [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(nnx.to_pure_dict(grads))]
     stats = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
-             'learning_rate': setup.schedule(step)}
+             'learning_rate': setup.schedule(step), 'grads_finite': jnp.stack(finite_leaves)}
     return (nnx.state(model), nnx.state(opt)), stats
 
   return train_step
+
+
+def param_names(setup: Setup) -> list[str]:
+  """Dotted names of the parameters, in the order of `stats['grads_finite']`."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(setup.abstract[0]))
+  return ['.'.join(str(getattr(k, 'key', k)) for k in path) for path, _ in flat]
 
 
 def make_eval_step(setup: Setup, mesh):

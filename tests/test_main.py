@@ -2,6 +2,7 @@
 resume, sample; bad input refused with one line and exit code 2."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -83,3 +84,21 @@ def test_workdir_of_another_model_is_refused(tmp_path, data_dir):
   assert result.returncode == 2
   assert 'model.num_layers=2' in result.stderr and 'holds a run' in result.stderr
   assert os.listdir(workdir) == ['run.json']
+
+
+@pytest.mark.parametrize('policy', ['stop', 'skip'])
+def test_nonfinite_loss_policy(tmp_path, data_dir, policy):
+  # A learning rate of 1e30 overflows the weights within a few steps.
+  workdir = tmp_path / 'w'
+  result = run(workdir, data_dir, '--config.learning_rate=1e30', '--config.warmup_steps=1',
+               '--config.checkpoint_every_steps=1', f'--config.nonfinite_policy={policy}',
+               '--config.max_consecutive_nonfinite=2', '--config.num_train_steps=12')
+  assert result.returncode == 1, result.stderr[-3000:]
+  line = result.stderr.strip().splitlines()[-1]
+  match = re.search(r'error: step (\d+): (loss|gradient of \S+).* is not finite', line)
+  assert match, line
+  bad = int(match.group(1))
+  saved = sorted(int(s) for s in os.listdir(workdir / 'checkpoints'))
+  assert saved and max(saved) < bad  # The bad state never reached disk.
+  if policy == 'skip':
+    assert '3 in a row' in line  # max_consecutive_nonfinite=2 were skipped first
