@@ -149,6 +149,7 @@ def test_fingerprint_and_mismatch(bpe, tok, tmp_path):
   assert '\n' not in message
   # Older checkpoints recorded a path (and the vocab size, separately).
   data.check_tokenizer(tok.path, other)
+  data.check_tokenizer({'path': tok.path, 'vocab_size': None}, other)
   with pytest.raises(ConfigError, match='400 pieces'):
     data.check_tokenizer({'path': tok.path, 'vocab_size': 512}, other)
 
