@@ -6,7 +6,12 @@ F = mlp_dim, c = qv_ka.ctx_dim, T = seq_len:
   qkv    projections 2 * D * (H d + 2 G d) + 2 * H d D
   qv     projections 2 * D * (H d + G d)   + 2 * H d D
   qv_ka  qv's + 2 * D * G c + 2 * G (c + d) d   (context vector, key rebuild)
-  all    MLP 2 * 3 * D F;  attention 2 * 2 * H d * T / 2 (causal: half the scores)
+  mla    queries 2 D H (n + p), or 2 D q + 2 q H (n + p) with q = q_lora_rank;
+         latent and rope key 2 D (r + p); keys and values from the latent
+         2 r H (n + e); output 2 H e D  (r = kv_lora_rank, n/p/e = nope/rope/v)
+  mla_qv mla's without W_UK: 2 r H n less (n = e)
+  all    MLP 2 * 3 * D F;  attention (scores + mix) 2 H (d_qk + d_v) T / 2,
+         causal: half the scores; d_qk = d_v = d, for MLA n + p and e.
 plus the output head 2 * D * V. docs/metrics.md derives these.
 """
 
@@ -30,12 +35,33 @@ def projection_flops_per_token(m) -> int:
   if m.attention == 'qv_ka':
     c = m.qv_ka.ctx_dim
     return q_and_o + 2 * D * G * (d + c) + 2 * G * (c + d) * d
+  if m.attention in ('mla', 'mla_qv'):
+    return _mla_projection_flops(m)
   raise ValueError(f'no FLOPs formula for attention={m.attention!r}')
 
 
-def forward_flops_per_token(m, seq_len: int) -> int:
+def _mla_projection_flops(m) -> int:
+  D, H, x = m.emb_dim, m.num_heads, m.mla
+  n, p, e, r, q = (x.qk_nope_head_dim, x.qk_rope_head_dim, x.v_head_dim, x.kv_lora_rank,
+                   x.q_lora_rank)
+  queries = 2 * D * q + 2 * q * H * (n + p) if q else 2 * D * H * (n + p)
+  key_up = 0 if m.attention == 'mla_qv' else 2 * r * H * n
+  return queries + 2 * D * (r + p) + key_up + 2 * r * H * e + 2 * H * e * D
+
+
+def attention_flops_per_token(m, seq_len: int, causal: bool = True) -> int:
+  """Scores and the weighted sum of values, per token and layer."""
+  if m.attention in ('mla', 'mla_qv'):
+    qk, v = m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim, m.mla.v_head_dim
+  else:
+    qk = v = m.head_dim
+  full = 2 * m.num_heads * (qk + v) * seq_len
+  return full // 2 if causal else full
+
+
+def forward_flops_per_token(m, seq_len: int, causal: bool = True) -> int:
   mlp = 2 * 3 * m.emb_dim * m.mlp_dim
-  scores_and_mix = 2 * 2 * m.num_heads * m.head_dim * seq_len // 2
+  scores_and_mix = attention_flops_per_token(m, seq_len, causal)
   layer = projection_flops_per_token(m) + mlp + scores_and_mix
   return m.num_layers * layer + 2 * m.emb_dim * m.vocab_size
 

@@ -121,3 +121,99 @@ def test_documents_in_one_row_do_not_see_each_other():
   packed = model(tokens, pos, seg)
   alone = model(tokens[:, 5:])
   np.testing.assert_allclose(packed[:, 5:], alone, **TOL)
+
+
+@pytest.mark.parametrize('attention', ['qv', 'qv_ka'])
+def test_qv_family_gqa_equals_mha_with_repeated_kv_weights(attention):
+  gqa = make_attention(model_cfg(attention, num_kv_heads=2), nnx.Rngs(0))
+  mha = make_attention(model_cfg(attention, num_kv_heads=4), nnx.Rngs(1))
+  for name in ('w_q_DHd', 'w_o_HdD'):
+    getattr(mha, name)[...] = getattr(gqa, name)[...]
+  mha.w_v_DGd[...] = jnp.repeat(gqa.w_v_DGd[...], 2, axis=1)
+  if attention == 'qv_ka':
+    mha.w_ctx_DGc[...] = jnp.repeat(gqa.w_ctx_DGc[...], 2, axis=1)
+    mha.w_k_Gid[...] = jnp.repeat(gqa.w_k_Gid[...], 2, axis=0)
+  x, pos, seg = inputs()
+  np.testing.assert_allclose(gqa(x, pos, seg), mha(x, pos, seg), **TOL)
+
+
+# MLA: r = 16, n = 8, p = 4, e = 8 from configs/tiny.py.
+
+
+def textbook_mla(attn, x, pos, key_up):
+  """DeepSeek-V2's equations written out: per-head keys [c W_UK ; k_rope]
+  with the one rope key copied to every head, scale 1/sqrt(n + p)."""
+  from qvjax.positions import apply_rope
+  m = attn.cfg.mla
+  n = m.qk_nope_head_dim
+  if m.q_lora_rank:
+    q = jnp.einsum('btq,qhk->bthk', attn.q_norm(x @ attn.w_dq_DQ[...]), attn.w_uq_QHk[...])
+  else:
+    q = jnp.einsum('btd,dhk->bthk', x, attn.w_q_DHk[...])
+  q = jnp.concatenate([q[..., :n], apply_rope(q[..., n:], pos, 10_000.0)], -1)
+  c = attn.kv_norm(x @ attn.w_dkv_DC[...])
+  k_rope = apply_rope((x @ attn.w_kr_DP[...])[:, :, None], pos, 10_000.0)
+  k_nope = jnp.einsum('bsc,chn->bshn', c, key_up)
+  k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:3] + (4,))], -1)
+  v = jnp.einsum('bsc,che->bshe', c, attn.w_uv_CHe[...])
+  scores = jnp.einsum('bthk,bshk->bhts', q, k) / np.sqrt(n + m.qk_rope_head_dim)
+  scores = jnp.where(np.tril(np.ones((T, T), bool)), scores, -1e30)
+  out = jnp.einsum('bhts,bshe->bthe', jax.nn.softmax(scores, axis=-1), v)
+  return jnp.einsum('bthe,hed->btd', out, attn.w_o_HeD[...])
+
+
+@pytest.mark.parametrize('q_lora_rank', [0, 12])
+def test_mla_is_deepseek_v2_textbook(q_lora_rank):
+  cfg = model_cfg('mla')
+  cfg.mla.q_lora_rank = q_lora_rank
+  attn = make_attention(cfg, nnx.Rngs(0))
+  x, pos, seg = inputs()
+  want = textbook_mla(attn, x, pos, attn.w_uk_CHn[...])
+  np.testing.assert_allclose(attn(x, pos, seg), want, **TOL)
+
+
+def test_mla_qv_equals_mla_with_wuk_set_to_wuv():
+  qv = make_attention(model_cfg('mla_qv'), nnx.Rngs(0))
+  mla = make_attention(model_cfg('mla'), nnx.Rngs(1))
+  assert qv.w_uk_CHn is None  # No W_UK at all.
+  for name in ('w_q_DHk', 'w_dkv_DC', 'w_kr_DP', 'w_uv_CHe', 'w_o_HeD'):
+    getattr(mla, name)[...] = getattr(qv, name)[...]
+  mla.w_uk_CHn[...] = qv.w_uv_CHe[...]
+  x, pos, seg = inputs()
+  np.testing.assert_allclose(qv(x, pos, seg), mla(x, pos, seg), **TOL)
+  np.testing.assert_allclose(qv(x, pos, seg), textbook_mla(qv, x, pos, qv.w_uv_CHe[...]), **TOL)
+
+
+@pytest.mark.parametrize('position', ['rope', 'agf'])
+@pytest.mark.parametrize('attention,q_lora_rank', [('mla', 0), ('mla', 12), ('mla_qv', 0)])
+def test_mla_absorbed_equals_naive(attention, q_lora_rank, position):
+  cfg = model_cfg(attention, position=position)
+  cfg.mla.q_lora_rank = q_lora_rank
+  attn = make_attention(cfg, nnx.Rngs(0))
+  x, pos, _ = inputs()
+  entries = attn.cache_entries(x, pos)
+  mask = jnp.tril(jnp.ones((T, T), bool))[None, None]
+  naive = attn.attend(x, pos, entries, pos, mask)
+  absorbed = attn.attend_cached(x, pos, entries, pos, mask)
+  np.testing.assert_allclose(absorbed, naive, **TOL)
+  assert np.abs(np.asarray(naive)).max() > 1e-2  # Not trivially zero.
+
+
+def test_mla_runs_alike_on_a_3d_mesh():
+  """Params placed by their logical names (latent axes unsplit, heads on
+  tensor, embed on fsdp): the same logits as one device."""
+  from flax.core import spmd
+  from qvjax import sharding
+  cfg = model_cfg('mla')
+  cfg.mla.q_lora_rank = 8
+  model = Decoder(cfg, nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (4, T), 0, 512)
+  want = model(tokens)
+  graphdef, state = nnx.split(model)
+  mesh = sharding.make_mesh((2, 2, 2))
+  with jax.set_mesh(mesh), spmd.logical_axis_rules(sharding.logical_rules(cfg, mesh)):
+    state = jax.device_put(state, sharding.state_shardings(state, mesh))
+    got = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
+  np.testing.assert_allclose(got, want, **TOL)
+  spec = state['blocks'][0]['attn']['w_uv_CHe'][...].sharding.spec
+  assert tuple(spec) == (None, 'tensor', None), spec

@@ -149,6 +149,7 @@ def test_fingerprint_and_mismatch(bpe, tok, tmp_path):
   assert '\n' not in message
   # Older checkpoints recorded a path (and the vocab size, separately).
   data.check_tokenizer(tok.path, other)
+  data.check_tokenizer({'path': tok.path, 'vocab_size': None}, other)
   with pytest.raises(ConfigError, match='400 pieces'):
     data.check_tokenizer({'path': tok.path, 'vocab_size': 512}, other)
 
@@ -387,3 +388,14 @@ def test_eval_batches_fixed_and_padded(tiny, tok):
   joined = [{k: np.concatenate([a[k], b[k]]) for k in a}
             for a, b in zip(*hosts, strict=True)]
   _assert_same(first, joined)
+
+
+def test_bench_measures_the_training_iterator(tiny, tok, tmp_path):
+  from qvjax.data import bench  # pylint: disable=g-import-not-at-top
+  r = bench.run(tiny, str(tmp_path), batches=20, warmup=2, process_index=1,
+                process_count=2)
+  assert r['local_batch'] == tiny.global_batch_size // 2
+  assert r['tokenizer'].sha256 == tok.sha256
+  assert r['tokens_per_s'] == pytest.approx(
+      r['batches_per_s'] * r['local_batch'] * tiny.seq_len)
+  assert r['tokens_per_s'] > 0 and 0.5 < r['loss_fraction'] < 1

@@ -26,15 +26,19 @@ from qvjax.data import pipeline
 from qvjax.data import tokenizer as tokenizer_lib
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py).',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Where the tokenizer is (or is trained); '
-                    'default: a temporary folder.')
-flags.DEFINE_integer('batches', 300, 'Batches to time (after --warmup).')
-flags.DEFINE_integer('warmup', 10, 'Batches fetched before timing starts.')
-flags.DEFINE_integer('process_count', 0, 'Hosts to simulate (0: this job).')
-flags.DEFINE_integer('process_index', 0, 'This host, with --process_count.')
 
+
+def _define_flags() -> None:
+  """Only when run as a program: importing `run` defines no global flags
+  (they would clash with qvjax.main's in one process)."""
+  config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py).',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Where the tokenizer is (or is trained); '
+                      'default: a temporary folder.')
+  flags.DEFINE_integer('batches', 300, 'Batches to time (after --warmup).')
+  flags.DEFINE_integer('warmup', 10, 'Batches fetched before timing starts.')
+  flags.DEFINE_integer('process_count', 0, 'Hosts to simulate (0: this job).')
+  flags.DEFINE_integer('process_index', 0, 'This host, with --process_count.')
 
 def run(c, workdir: str, *, batches: int, warmup: int, process_index: int,
         process_count: int) -> dict:
@@ -98,5 +102,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   logging.set_verbosity(logging.WARNING)
   app.run(main)

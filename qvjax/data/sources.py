@@ -138,13 +138,19 @@ def _wait_for(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   return _builder(config)  # Re-read: now it loads the written info.
 
 
+def _is_prepared(builder) -> bool:
+  """`builder.is_prepared()` without its warning on stderr when it is not
+  (TFDS writes dataset_info.json last, so it marks a finished dataset)."""
+  return (epath.Path(builder.data_dir) / 'dataset_info.json').exists()
+
+
 def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """The prepared builder of config.dataset.name, checked for ArrayRecord
   files and for config.dataset.text_key."""
   options.validate_config(config)
   name = config.dataset.name
   builder = _builder(config)
-  if not builder.is_prepared():
+  if not _is_prepared(builder):
     if name.split(':')[0].split('/')[0] not in LOCAL_BUILDERS:
       root = data_root(config)
       base = name.split(':')[0].split('/')[0]
@@ -226,3 +232,11 @@ def get_source(config: ml_collections.ConfigDict, split: str, *,
     split = tfds.split_for_jax_process(split, process_index=process_index,
                                        process_count=process_count)
   return builder.as_data_source(split=split)
+
+
+def check_sources(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError now if the train or eval split cannot be read (a
+  local builder is prepared on the way): for start-up, before a workdir is
+  written."""
+  for split in (config.dataset.train_split, config.dataset.eval_split):
+    get_source(config, split)

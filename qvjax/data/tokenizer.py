@@ -122,6 +122,7 @@ def check_tokenizer(recorded, tok: Tokenizer) -> None:
   """
   if isinstance(recorded, str):
     recorded = {'path': recorded}
+  recorded = {k: v for k, v in recorded.items() if v is not None}  # Unknown.
   now = tokenizer_fingerprint(tok)
   same = (recorded.get('sha256', now['sha256']) == now['sha256'] and
           recorded.get('vocab_size', now['vocab_size']) == now['vocab_size'])
