@@ -21,7 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.num_kv_heads = 4
   m.head_dim = 64
   m.mlp_dim = 768  # Hidden width of the SwiGLU MLP.
-  # Must equal the tokenizer's vocabulary size (checked at start-up).
+  # Embedding rows: >= the tokenizer's pieces (checked at start-up); best a
+  # multiple of 128 and of mesh.tensor. Ids past the tokenizer are never sampled.
   m.vocab_size = 2048
   # rope | alibi | agf | sinusoidal | none: formulas in docs/attention.md.
   m.position = 'rope'
@@ -66,6 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
   # files (local or gs://); .txt/.md = one document, .jsonl = one per line.
   d.files = ''
   d.files_eval_every = 20  # text_files: every Nth document is 'validation'.
+  # Data shards: 0 = one per process (each host reads its own block). A fixed
+  # number (a multiple of the process count) gives the same global batches
+  # for any process count, e.g. to compare a 1-host and a 2-host run.
+  d.num_shards = 0
   d.shuffle = True  # Train documents, per host, a new order every epoch.
   d.num_workers = 0  # grain worker processes; 0 = in the main process.
   # Batches prepared ahead: per worker, or by one thread when num_workers=0.

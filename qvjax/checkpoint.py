@@ -8,11 +8,18 @@ shardings, so a checkpoint loads onto whatever topology the run has now.
 """
 
 import os
+import shutil
+import time
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 from flax import nnx
+
+from qvjax import data
+from qvjax.config import ConfigError
 
 ITEMS = ('params', 'opt_state', 'data', 'meta')
 
@@ -28,7 +35,31 @@ def make_manager(workdir: str, config, read_only: bool = False) -> ocp.Checkpoin
       read_only=read_only,
       create=not read_only,
   )
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+  handlers = {'params': ocp.StandardCheckpointHandler(),
+              'opt_state': ocp.StandardCheckpointHandler(),
+              'data': grain.checkpoint.CheckpointHandler(),
+              'meta': ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+
+
+def check_shapes(manager, step: int, model_abstract):
+  """Raises ConfigError naming the first parameter whose stored shape (or
+  presence) differs from the configured model's."""
+  stored = manager.item_metadata(step)['params']
+  want = dict(_flat_shapes(nnx.to_pure_dict(model_abstract)))
+  have = dict(_flat_shapes(stored))
+  for name in sorted(set(want) | set(have)):
+    if want.get(name) != have.get(name):
+      raise ConfigError(
+          f'checkpoint step {step} in {manager.directory} does not fit '
+          f'the configured model: parameter {name} is {have.get(name, "absent")} there and '
+          f'{want.get(name, "absent")} in this config')
+
+
+def _flat_shapes(tree):
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  for path, leaf in flat:
+    yield '.'.join(str(getattr(k, 'key', k)) for k in path), tuple(leaf.shape)
 
 
 def _abstract(tree, shardings):
@@ -63,6 +94,58 @@ def restore(manager, step: int, abstract_state, shardings, data_iter):
   nnx.replace_by_pure_dict(model_abs, restored.params)
   nnx.replace_by_pure_dict(opt_abs, restored.opt_state)
   return (model_abs, opt_abs), restored.meta
+
+
+def quarantine(workdir: str, step: int) -> str:
+  """Moves a damaged step out of the manager's way (never deletes it)."""
+  src = os.path.join(checkpoint_dir(workdir), str(step))
+  dest = os.path.join(os.path.abspath(workdir), 'damaged_checkpoints', str(step))
+  if jax.process_index() == 0 and os.path.exists(src):
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    if os.path.exists(dest):
+      dest = f'{dest}.{int(time.time())}'
+    shutil.move(src, dest)
+  multihost_utils.sync_global_devices(f'quarantine checkpoint {step}')
+  return dest
+
+
+def check_compatible(manager, step: int, model_abstract, tokenizer):
+  """ConfigError if the step was written for another model shape, tokenizer
+  or process count: the user must choose, nothing is damaged."""
+  check_shapes(manager, step, model_abstract)
+  meta = restore_meta(manager, step)
+  data.check_tokenizer(meta['tokenizer'], tokenizer)
+  written_by = meta.get('processes', 1)
+  if written_by != jax.process_count():
+    raise ConfigError(
+        f'checkpoint step {step} was written by {written_by} processes and its data '
+        f'position is per process: resume it with {written_by} processes (--mode=eval '
+        f'restores params onto any topology)')
+
+
+def restore_newest_intact(manager, workdir, abstract_state, shardings, data_iter, tokenizer):
+  """(state, meta, step) from the newest step that restores completely, or
+  None. Damaged steps (killed mid-save, truncated or missing files) are moved
+  to <workdir>/damaged_checkpoints with a warning naming them."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      check_compatible(manager, step, abstract_state[0], tokenizer)
+    except ConfigError:
+      raise
+    except Exception:  # Unreadable metadata: damaged; restore below says how.
+      pass
+    try:
+      state, meta = restore(manager, step, abstract_state, shardings, data_iter)
+      return state, meta, step
+    except Exception as e:  # Whatever the storage layer raises for bad bytes.
+      reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+      dest = quarantine(workdir, step)
+      message = f'Checkpoint step {step} is damaged ({reason}); moved it to {dest}'
+      logging.warning(message)
+      if jax.process_index() == 0:
+        print(f'warning: {message}; trying an older one', flush=True)
+      manager.reload()
+  return None
 
 
 def restore_meta(manager, step: int) -> dict:

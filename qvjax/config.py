@@ -143,11 +143,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
            'max_consecutive_nonfinite', c.max_consecutive_nonfinite, 'must be a positive integer')
   for key in ('adam_b1', 'adam_b2'):
     _require(0 <= c[key] < 1, key, c[key], 'must be in [0, 1)')
-  _require(c.tokenizer.model_type in ('unigram', 'bpe'), 'tokenizer.model_type',
-           c.tokenizer.model_type, 'one of unigram, bpe')
-  _require(c.tokenizer.path == '' or os.path.exists(c.tokenizer.path), 'tokenizer.path',
-           c.tokenizer.path, 'file not found (leave empty to train one into the workdir)')
-  _require(c.tokenizer.path or c.model.vocab_size >= 400, 'model.vocab_size', c.model.vocab_size,
+  from qvjax.data import options as data_options  # It imports ConfigError from here.
+  data_options.validate_config(c)
+  pieces = c.tokenizer.vocab_size or c.model.vocab_size
+  _require(c.tokenizer.path or pieces >= 400, 'tokenizer.vocab_size', pieces,
            'must be >= 400 to train a tokenizer (256 byte pieces + the characters)')
   _require(c.sample.temperature >= 0, 'sample.temperature', c.sample.temperature, 'must be >= 0')
   _require(c.sample.top_k >= 0, 'sample.top_k', c.sample.top_k, 'must be >= 0')

@@ -52,8 +52,10 @@ def run(c, workdir: str, step: int | None = None) -> dict:
       process_count=jax.process_count())
   with jax.set_mesh(mesh), spmd.logical_axis_rules(sharding.logical_rules(c.model, mesh)):
     setup = train.build(c, mesh)
-    model_state, _ = checkpoint.restore_params(manager, step, setup.abstract[0],
-                                               setup.shardings[0])
+    checkpoint.check_shapes(manager, step, setup.abstract[0])
+    model_state, meta = checkpoint.restore_params(manager, step, setup.abstract[0],
+                                                  setup.shardings[0])
+    data.check_tokenizer(meta['tokenizer'], tokenizer)
     result = train.evaluate(train.make_eval_step(setup, mesh), model_state, batches,
                             metrics.token_byte_lengths(tokenizer, c.model.vocab_size), mesh)
   manager.close()

@@ -99,10 +99,7 @@ def train_and_evaluate(c, workdir: str) -> dict:
   local_batch = batch_size // jax.process_count()
   host = dict(process_index=jax.process_index(), process_count=jax.process_count())
   tokenizer = data.get_tokenizer(c, workdir)
-  if tokenizer.vocab_size != c.model.vocab_size:
-    raise config_lib.ConfigError(
-        f'config.model.vocab_size={c.model.vocab_size} is invalid: the tokenizer at '
-        f'{tokenizer.path} has {tokenizer.vocab_size} pieces; set them equal')
+  data.check_vocab(c, tokenizer)
   train_iter = data.make_train_iterator(c, tokenizer, local_batch_size=local_batch, **host)
   eval_batches = data.make_eval_batches(c, tokenizer, local_batch_size=local_batch,
                                         num_batches=c.eval_batches, **host)
@@ -112,15 +109,16 @@ def train_and_evaluate(c, workdir: str) -> dict:
   with jax.set_mesh(mesh), spmd.logical_axis_rules(sharding.logical_rules(c.model, mesh)):
     setup = train.build(c, mesh)
     train_step, eval_step = train.make_train_step(setup, mesh), train.make_eval_step(setup, mesh)
-    start = manager.latest_step()
-    if start is None:
+    restored = checkpoint.restore_newest_intact(manager, workdir, setup.abstract,
+                                                setup.shardings, train_iter, tokenizer)
+    if restored is None:
       state, start = setup.init(), 0
     else:
-      state, _ = checkpoint.restore(manager, start, setup.abstract, setup.shardings, train_iter)
+      state, _, start = restored
       if is_lead:
         print(f'Resuming from the checkpoint at step {start} in {workdir}', flush=True)
-    meta = {'model': c.model.to_dict(), 'tokenizer': tokenizer.path,
-            'vocab_size': tokenizer.vocab_size, 'seq_len': c.seq_len}
+    meta = {'model': c.model.to_dict(), 'tokenizer': data.tokenizer_fingerprint(tokenizer),
+            'seq_len': c.seq_len, 'processes': jax.process_count()}
     flops_per_token, peak = metrics.train_flops_per_token(c.model, c.seq_len), peak_flops()
     if is_lead:
       print(f'{c.model.attention}: {metrics.param_count(setup.abstract[0]) / 1e6:.2f}M params, '
@@ -163,6 +161,7 @@ def train_and_evaluate(c, workdir: str) -> dict:
     finally:
       stopper.close()
       reporter.close()
+      train_iter.close()
       manager.wait_until_finished()
     if preempted:
       logging.warning('Stopped by signal at step %d', step)

@@ -38,8 +38,9 @@ def dispatch(c, workdir: str):
     from qvjax import evaluate
     evaluate.run(c, workdir, FLAGS.step)
     return
+  from qvjax import data, loop
+  data.check_sources(c)  # A missing dataset or split fails before run.json is written.
   workdir_lib.claim(workdir, c, write=jax.process_index() == 0)
-  from qvjax import loop
   loop.train_and_evaluate(c, workdir)
 
 

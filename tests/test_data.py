@@ -276,8 +276,7 @@ def _doc_ids(batches, tok):
 
 
 def _numbers(c, tok, process_index, process_count, n):
-  docs = data.train_documents(c, process_index=process_index,
-                              process_count=process_count)
+  docs = data.train_documents(c, shard=process_index, num_shards=process_count)
   return [int(re.match(rb'doc (\d+)', docs[i]['text']).group(1))
           for i in range(n)]
 
@@ -399,3 +398,19 @@ def test_bench_measures_the_training_iterator(tiny, tok, tmp_path):
   assert r['tokens_per_s'] == pytest.approx(
       r['batches_per_s'] * r['local_batch'] * tiny.seq_len)
   assert r['tokens_per_s'] > 0 and 0.5 < r['loss_fraction'] < 1
+
+
+def test_fixed_num_shards_gives_the_same_global_batches_for_any_host_count(tiny, tok):
+  c = tiny.copy_and_resolve_references()
+  c.dataset.num_shards = 2
+  one = data.make_train_iterator(c, tok, local_batch_size=4, process_index=0, process_count=1)
+  hosts = [data.make_train_iterator(c, tok, local_batch_size=2, process_index=p,
+                                    process_count=2) for p in (0, 1)]
+  rows = lambda batch: sorted(map(tuple, batch['inputs'].tolist()))
+  for _ in range(3):
+    single = next(one)
+    both = [next(h) for h in hosts]
+    assert rows(single) == sorted(rows(both[0]) + rows(both[1]))
+  c.dataset.num_shards = 3
+  with pytest.raises(ConfigError, match='num_shards=3'):
+    data.make_train_iterator(c, tok, local_batch_size=2, process_index=0, process_count=2)

@@ -21,7 +21,8 @@ k iff k <= q and segment_ids[q] == segment_ids[k]
 (qvjax.attention.base.attention_mask), and the segment ids here change
 exactly where a new document ([bos]) starts.
 
-Train order (per host): the host's block of the train split
+Train order (per data shard; by default one shard per host, see
+`host_shards`): the shard's block of the train split
 (`tfds.split_for_jax_process` semantics), shuffled with config.seed and
 repeated forever; epoch e is a fresh permutation (grain shuffles with seed
 + e), every document is seen exactly once per epoch, and packing runs across
@@ -37,6 +38,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from qvjax.config import ConfigError
 from qvjax.data import sources
 from qvjax.data.tokenizer import Tokenizer
 
@@ -80,19 +82,32 @@ def to_model_batch(rows: dict) -> dict:
   }
 
 
-def train_documents(config: ml_collections.ConfigDict, *, process_index: int,
-                    process_count: int) -> grain.MapDataset:
-  """This host's train documents, in the order the host reads them, forever.
+def train_documents(config: ml_collections.ConfigDict, *, shard: int,
+                    num_shards: int) -> grain.MapDataset:
+  """One shard's train documents, in the order it reads them, forever.
 
-  Element i of epoch e is at index e * n + i, n = the host's block size.
+  Element i of epoch e is at index e * n + i, n = the shard's block size.
   """
   source = sources.get_source(config, config.dataset.train_split,
-                              process_index=process_index,
-                              process_count=process_count)
+                              process_index=shard, process_count=num_shards)
   docs = grain.MapDataset.source(source)
   if config.dataset.shuffle:
     docs = docs.shuffle(seed=config.seed)  # Seed + epoch: new order per epoch.
   return docs.repeat()
+
+
+def host_shards(config: ml_collections.ConfigDict, process_index: int,
+                process_count: int) -> list[int]:
+  """The data shards this host reads. dataset.num_shards = 0: one per host
+  (each host its own block). A fixed num_shards S (a multiple of the host
+  count) makes the global batches independent of the host count: each
+  global batch takes the same rows from each of the S shard streams, and
+  host p reads shards p, p + P, ... ."""
+  num_shards = config.dataset.num_shards or process_count
+  if num_shards % process_count:
+    raise ConfigError(f'config.dataset.num_shards={num_shards} is invalid: must be a '
+                      f'multiple of the {process_count} processes')
+  return list(range(process_index, num_shards, process_count))
 
 
 def _ensure_absl_flags() -> None:
@@ -118,10 +133,18 @@ def make_train_iterator(config: ml_collections.ConfigDict,
   iterator yields exactly the batches the saved one would have. Call
   `close()` when done (it stops worker processes).
   """
-  docs = train_documents(config, process_index=process_index,
-                         process_count=process_count)
-  batches = _packed(docs, tokenizer, config).batch(
-      local_batch_size, drop_remainder=True).map(to_model_batch)
+  shards = host_shards(config, process_index, process_count)
+  num_shards = config.dataset.num_shards or process_count
+  if local_batch_size % len(shards):
+    raise ConfigError(f'config.dataset.num_shards={num_shards} is invalid: each host\'s '
+                      f'{len(shards)} shards must divide its {local_batch_size} rows')
+  streams = [_packed(train_documents(config, shard=s, num_shards=num_shards), tokenizer,
+                     config) for s in shards]
+  # Round-robin over the host's shards: each batch takes the same number of
+  # rows from each, so a global batch is the same set of rows for any P.
+  rows = streams[0] if len(streams) == 1 else grain.experimental.InterleaveIterDataset(
+      streams, cycle_length=len(streams))
+  batches = rows.batch(local_batch_size, drop_remainder=True).map(to_model_batch)
   d = config.dataset
   if d.num_workers > 0:
     _ensure_absl_flags()
