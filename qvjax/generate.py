@@ -56,7 +56,7 @@ def run(config, workdir: str, *, prompt: str, max_new_tokens: int, temperature: 
     if is_lead:
       print(f'{c.model.attention} checkpoint at step {step}: KV cache {per_token} bytes/token '
             f'({per_token // c.model.num_layers} per layer, {c.model.dtype}), '
-            f'{per_token * c.seq_len / 2**20:.2f} MiB for the {c.seq_len}-token window',
+            f'{per_token * c.seq_len / 1024:.1f} KiB for the {c.seq_len}-token window',
             flush=True)
       print(prompt, end='', flush=True)
     stream = (lambda piece: print(piece, end='', flush=True)) if is_lead else None
