@@ -35,6 +35,8 @@ done
 trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
 status=0
 for pid in "${pids[@]}"; do
+  # A trapped signal interrupts `wait`; keep waiting for the real exit code.
+  while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
   wait "$pid" || status=$?
 done
 exit $status

@@ -24,6 +24,9 @@ flags.DEFINE_string('coordinator_address', None,
                     'SLURM and Open MPI (which are detected).')
 flags.DEFINE_integer('num_processes', None, 'With --coordinator_address: how many.')
 flags.DEFINE_integer('process_id', None, 'With --coordinator_address: this one, from 0.')
+flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
+                  'Join a multi-process job: auto = when the flags above are set or a '
+                  'cluster (SLURM, Open MPI, Cloud TPU VM) is detected.')
 flags.DEFINE_integer('distributed_timeout', 300,
                      'Seconds to wait for every process to join.')
 
@@ -32,7 +35,7 @@ def dispatch(c, workdir: str):
   import jax  # After the flags parse, so --help and usage errors stay instant.
   from qvjax import distributed
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                         FLAGS.distributed_timeout)
+                         FLAGS.distributed_timeout, FLAGS.distributed)
   config_lib.validate(c, jax.device_count(), jax.process_count(), workdir)
   if FLAGS.mode == 'eval':
     from qvjax import evaluate
