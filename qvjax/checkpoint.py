@@ -29,12 +29,12 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def make_manager(workdir: str, config, read_only: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.max_checkpoints_to_keep,
-      enable_async_checkpointing=True,
-      read_only=read_only,
-      create=not read_only,
-  )
+  if read_only:  # What Orbax would set itself for a reader, minus its warnings.
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
+                                           max_to_keep=None)
+  else:
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints_to_keep,
+                                           enable_async_checkpointing=True)
   handlers = {'params': ocp.StandardCheckpointHandler(),
               'opt_state': ocp.StandardCheckpointHandler(),
               'data': grain.checkpoint.CheckpointHandler(),

@@ -16,9 +16,16 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where the run writes; default runs/<config.name>.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
-                  'train: train (resuming) and evaluate; eval: score a checkpoint.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'generate'],
+                  'train: train (resuming) and evaluate; eval: score a checkpoint; '
+                  'generate: sample text from the latest checkpoint with a KV cache.')
 flags.DEFINE_integer('step', None, '--mode=eval: the checkpoint step (default: latest).')
+flags.DEFINE_string('prompt', None, '--mode=generate: the text to continue '
+                    '(default config.sample.prompt).')
+flags.DEFINE_integer('max_new_tokens', None, '--mode=generate (default config.sample.*).')
+flags.DEFINE_float('temperature', None, '--mode=generate: 0 = greedy (default config.sample.*).')
+flags.DEFINE_integer('top_k', None, '--mode=generate: 0 = no top-k (default config.sample.*).')
+flags.DEFINE_integer('seed', None, '--mode=generate (default config.seed).')
 flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0, for multi-process runs outside TPU pods, '
                     'SLURM and Open MPI (which are detected).')
@@ -41,6 +48,12 @@ def dispatch(c, workdir: str):
     from qvjax import evaluate
     evaluate.run(c, workdir, FLAGS.step)
     return
+  if FLAGS.mode == 'generate':
+    from qvjax import generate
+    s = c.sample
+    generate.run(c, workdir, prompt=s.prompt, max_new_tokens=s.max_new_tokens,
+                 temperature=s.temperature, top_k=s.top_k, seed=c.seed)
+    return
   from qvjax import data, loop
   data.check_sources(c)  # A missing dataset or split fails before run.json is written.
   workdir_lib.claim(workdir, c, write=jax.process_index() == 0)
@@ -54,6 +67,14 @@ def main(argv):
     print('error: --config is required, e.g. --config=configs/qv_small.py', file=sys.stderr)
     sys.exit(2)
   c = FLAGS.config
+  # Generation flags are shorthands for config.sample.* (and config.seed), so
+  # they are validated with everything else.
+  for flag, key in (('prompt', 'prompt'), ('max_new_tokens', 'max_new_tokens'),
+                    ('temperature', 'temperature'), ('top_k', 'top_k')):
+    if FLAGS[flag].value is not None:
+      c.sample[key] = FLAGS[flag].value
+  if FLAGS.seed is not None:
+    c.seed = FLAGS.seed
   workdir = FLAGS.workdir or os.path.join('runs', c.name)
   try:
     # Every bad knob fails here, before data, tokenizer or any compile.

@@ -17,8 +17,11 @@ def identity(c) -> dict:
 
 
 def first_difference(old: dict, new: dict, prefix: str = ''):
-  """(dotted key, old value, new value) of the first difference, or None."""
+  """(dotted key, old value, new value) of the first difference, or None.
+  Keys the old record lacks are knobs added since: not a difference."""
   for key in sorted(set(old) | set(new)):
+    if key not in old:
+      continue
     a, b = old.get(key), new.get(key)
     if isinstance(a, dict) and isinstance(b, dict):
       found = first_difference(a, b, f'{prefix}{key}.')
