@@ -5,7 +5,6 @@ streams the same text the in-memory sampler gives."""
 import io
 import os
 
-import jax
 import orbax.checkpoint as ocp
 import pytest
 import sentencepiece as spm
