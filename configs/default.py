@@ -93,9 +93,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.global_batch_size = 32
   c.per_device_batch_size = -1
 
-  c.num_train_steps = 600  # ~11 min for the *_small setups on 2 CPU cores.
+  c.num_train_steps = 500  # ~10 min for the *_small setups on 2 CPU cores.
   c.learning_rate = 3e-3
-  c.warmup_steps = 60
+  c.warmup_steps = 50
   c.end_learning_rate_ratio = 0.1  # Cosine decays to learning_rate * this.
   c.weight_decay = 0.1  # Not applied to norms or biases.
   c.adam_b1 = 0.9
@@ -108,9 +108,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_consecutive_nonfinite = 10
 
   c.log_every_steps = 10
-  c.eval_every_steps = 200
+  c.eval_every_steps = 100
   c.eval_batches = 8  # Batches of the eval split per evaluation.
-  c.checkpoint_every_steps = 200
+  c.checkpoint_every_steps = 100
   c.max_checkpoints_to_keep = 3
 
   # Mesh axis sizes within one slice (ICI); -1 takes the devices the others leave.
