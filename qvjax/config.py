@@ -1,5 +1,8 @@
 """Validation of a run's ConfigDict: every bad knob fails here, in one line,
 before anything is compiled or written.
+
+This module imports no JAX: `validate_static` runs in a fraction of a second,
+before JAX starts; `validate_for_devices` needs the device count.
 """
 
 import os
@@ -7,8 +10,11 @@ import os
 import ml_collections
 import numpy as np
 
-from qvjax.attention import MLA_PARADIGMS, PARADIGMS
-from qvjax.positions import POSITIONS
+# The names the registries in qvjax.attention and qvjax.positions implement
+# (qvjax.attention asserts it on import).
+PARADIGMS = ('qkv', 'qv', 'qv_ka', 'mla', 'mla_qv')
+MLA_PARADIGMS = ('mla', 'mla_qv')
+POSITIONS = ('rope', 'alibi', 'agf', 'sinusoidal', 'none')
 DTYPES = ('float32', 'bfloat16')
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
@@ -121,14 +127,17 @@ def global_batch_size(c, num_devices: int) -> int:
   return c.global_batch_size
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1,
-             workdir: str | None = None) -> tuple[int, ...]:
-  """Raises ConfigError on the first bad knob; returns the resolved mesh shape."""
+def validate_static(c: ml_collections.ConfigDict, workdir: str | None = None):
+  """Every check that needs no devices; raises ConfigError on the first bad knob."""
+  _require(isinstance(c.name, str) and c.name.strip() and '/' not in c.name, 'name', c.name,
+           'must be a non-empty name without "/" (it names runs/<name>)')
+  _require(isinstance(c.seed, int) and 0 <= c.seed < 2 ** 32, 'seed', c.seed,
+           'must be an integer in [0, 2**32)')
   validate_model(c.model)
-  m = c.model
   _positive_ints(c, ('seq_len', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
-                     'eval_batches', 'checkpoint_every_steps', 'max_checkpoints_to_keep',
-                     'warmup_steps'))
+                     'eval_batches', 'checkpoint_every_steps', 'max_checkpoints_to_keep'))
+  _require(isinstance(c.warmup_steps, int) and c.warmup_steps >= 0, 'warmup_steps',
+           c.warmup_steps, 'must be an integer >= 0')
   _require((c.global_batch_size > 0) != (c.per_device_batch_size > 0), 'global_batch_size',
            (c.global_batch_size, c.per_device_batch_size),
            'set exactly one of global_batch_size and per_device_batch_size > 0, the other -1')
@@ -148,11 +157,24 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
   pieces = c.tokenizer.vocab_size or c.model.vocab_size
   _require(c.tokenizer.path or pieces >= 400, 'tokenizer.vocab_size', pieces,
            'must be >= 400 to train a tokenizer (256 byte pieces + the characters)')
+  _require(isinstance(c.sample.prompt, str), 'sample.prompt', c.sample.prompt, 'must be text')
   _require(c.sample.temperature >= 0, 'sample.temperature', c.sample.temperature, 'must be >= 0')
   _require(c.sample.top_k >= 0, 'sample.top_k', c.sample.top_k, 'must be >= 0')
   _require(c.sample.max_new_tokens >= 0, 'sample.max_new_tokens', c.sample.max_new_tokens,
            'must be >= 0')
 
+  if workdir:
+    parent = os.path.abspath(workdir)
+    while not os.path.exists(parent):
+      parent = os.path.dirname(parent)
+    _require(os.path.isdir(parent) and os.access(parent, os.W_OK), 'workdir', workdir,
+             f'{parent} is not a writable directory')
+
+
+def validate_for_devices(c: ml_collections.ConfigDict, num_devices: int,
+                         num_processes: int = 1) -> tuple[int, ...]:
+  """The checks that depend on the devices; returns the resolved mesh shape."""
+  m = c.model
   n = slices(c)
   _require(n == 1 or num_processes % n == 0, 'dcn_mesh', c.dcn_mesh.to_dict(),
            f'{n} slices must divide the {num_processes} processes (each slice whole processes)')
@@ -168,10 +190,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
              f'must be divisible by mesh.tensor={tensor}')
   _require(m.emb_dim % fsdp == 0, 'model.emb_dim', m.emb_dim,
            f'must be divisible by mesh.fsdp={fsdp}')
-  if workdir:
-    parent = os.path.abspath(workdir)
-    while not os.path.exists(parent):
-      parent = os.path.dirname(parent)
-    _require(os.access(parent, os.W_OK), 'workdir', workdir,
-             f'{parent} is not writable')
   return shape
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1,
+             workdir: str | None = None) -> tuple[int, ...]:
+  """All checks; raises ConfigError on the first bad knob; returns the mesh shape."""
+  validate_static(c, workdir)
+  return validate_for_devices(c, num_devices, num_processes)

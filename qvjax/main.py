@@ -1,6 +1,8 @@
 """Entry point: `python -m qvjax.main --config=configs/qv_small.py [--workdir=DIR] [--mode=...]`.
 
-Every host of a multi-host job runs the same command.
+Every host of a multi-host job runs the same command. Bad input fails in one
+line with exit code 2: flag and config values before JAX even starts, then
+what depends on the devices, all before any data, tokenizer or compile.
 """
 
 import os
@@ -19,6 +21,8 @@ flags.DEFINE_string('workdir', None, 'Where the run writes; default runs/<config
 flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'generate'],
                   'train: train (resuming) and evaluate; eval: score a checkpoint; '
                   'generate: sample text from the latest checkpoint with a KV cache.')
+flags.DEFINE_bool('fresh', False, 'train: start over in a workdir that holds another run; '
+                  'the old contents are moved to <workdir>.old-<time>, never deleted.')
 flags.DEFINE_integer('step', None, '--mode=eval: the checkpoint step (default: latest).')
 flags.DEFINE_string('prompt', None, '--mode=generate: the text to continue '
                     '(default config.sample.prompt).')
@@ -38,61 +42,81 @@ flags.DEFINE_integer('distributed_timeout', 300,
                      'Seconds to wait for every process to join.')
 
 
+def apply_shorthands(c):
+  """Generation flags are shorthands for config.sample.* (and config.seed),
+  so they are validated with everything else."""
+  for key in ('prompt', 'max_new_tokens', 'temperature', 'top_k'):
+    if FLAGS[key].value is not None:
+      c.sample[key] = FLAGS[key].value
+  if FLAGS.seed is not None:
+    c.seed = FLAGS.seed
+
+
 def dispatch(c, workdir: str):
-  import jax  # After the flags parse, so --help and usage errors stay instant.
+  config_lib.validate_static(c, workdir)
+  if FLAGS.mode == 'train':
+    workdir_lib.claim(workdir, c, write=False, fresh=FLAGS.fresh)
+  import jax  # Only now: the checks above run in a fraction of a second.
   from qvjax import distributed
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.distributed_timeout, FLAGS.distributed)
-  config_lib.validate(c, jax.device_count(), jax.process_count(), workdir)
+  config_lib.validate_for_devices(c, jax.device_count(), jax.process_count())
   if FLAGS.mode == 'eval':
     from qvjax import evaluate
     evaluate.run(c, workdir, FLAGS.step)
-    return
-  if FLAGS.mode == 'generate':
+  elif FLAGS.mode == 'generate':
     from qvjax import generate
     s = c.sample
     generate.run(c, workdir, prompt=s.prompt, max_new_tokens=s.max_new_tokens,
                  temperature=s.temperature, top_k=s.top_k, seed=c.seed)
-    return
-  from qvjax import data, loop
-  data.check_sources(c)  # A missing dataset or split fails before run.json is written.
-  workdir_lib.claim(workdir, c, write=jax.process_index() == 0)
-  loop.train_and_evaluate(c, workdir)
+  else:
+    from qvjax import data, loop
+    data.check_sources(c)  # A missing dataset or split fails before run.json is written.
+    workdir_lib.claim(workdir, c, write=jax.process_index() == 0, fresh=FLAGS.fresh)
+    loop.train_and_evaluate(c, workdir)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if FLAGS.config is None:
-    print('error: --config is required, e.g. --config=configs/qv_small.py', file=sys.stderr)
-    sys.exit(2)
+    fail('--config is required, e.g. --config=configs/qv_small.py')
   c = FLAGS.config
-  # Generation flags are shorthands for config.sample.* (and config.seed), so
-  # they are validated with everything else.
-  for flag, key in (('prompt', 'prompt'), ('max_new_tokens', 'max_new_tokens'),
-                    ('temperature', 'temperature'), ('top_k', 'top_k')):
-    if FLAGS[flag].value is not None:
-      c.sample[key] = FLAGS[flag].value
-  if FLAGS.seed is not None:
-    c.seed = FLAGS.seed
-  workdir = FLAGS.workdir or os.path.join('runs', c.name)
   try:
-    # Every bad knob fails here, before data, tokenizer or any compile.
-    config_lib.validate_model(c.model)
-    if FLAGS.mode == 'train':
-      workdir_lib.claim(workdir, c, write=False)
+    apply_shorthands(c)
+    workdir = FLAGS.workdir or os.path.join('runs', str(c.name))
     dispatch(c, workdir)
   except config_lib.ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    fail(str(e))
   except config_lib.RunStopped as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    fail(str(e), code=1)
+
+
+def fail(message: str, code: int = 2):
+  prefix = ''
+  if 'jax' in sys.modules:
+    import jax
+    if jax.process_count() > 1:
+      prefix = f'[process {jax.process_index()}] '
+  print(f'{prefix}error: {message}', file=sys.stderr)
+  sys.exit(code)
+
+
+def parse_flags(argv):
+  """absl's parser, with a bad flag or config override as one line, exit 2."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, (AttributeError, KeyError)):
+      detail = f'unknown config key {detail.strip(chr(34) + chr(39))} (configs/default.py lists every knob)'
+    print(f'error: {detail}', file=sys.stderr)
+    sys.exit(2)
 
 
 def run():
   logging.set_verbosity(logging.WARNING)
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-POSITIONS = ('rope', 'alibi', 'agf', 'sinusoidal', 'none')
+from qvjax.config import POSITIONS  # noqa: F401  (the scheme names, re-exported)
+
 BIASES = ('alibi', 'agf')
 
 

@@ -5,6 +5,7 @@ with a different value there is refused instead of clobbering the old run.
 
 import json
 import os
+import time
 
 from qvjax.config import ConfigError
 
@@ -32,19 +33,28 @@ def first_difference(old: dict, new: dict, prefix: str = ''):
   return None
 
 
-def claim(workdir: str, c, write: bool) -> bool:
+def claim(workdir: str, c, write: bool, fresh: bool = False) -> bool:
   """Checks (and on first use, when `write`, records) the workdir's run.
-  Returns True if the workdir already held this run."""
+  Returns True if the workdir already held this run. With `fresh`, a workdir
+  of another run is moved aside to <workdir>.old-<time> (when `write`)."""
   path = os.path.join(workdir, RECORD)
   new = identity(c)
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
     diff = first_difference(old, new)
+    if diff and fresh:
+      if write:
+        aside = f'{os.path.abspath(workdir)}.old-{time.strftime("%Y%m%d-%H%M%S")}'
+        os.rename(workdir, aside)
+        print(f'--fresh: moved the previous run in {workdir} to {aside}', flush=True)
+        return claim(workdir, c, write)
+      return False
     if diff:
       key, was, now = diff
       raise ConfigError(f'config.{key}={now!r} is invalid for workdir {workdir}: it holds a '
-                        f'run with {key}={was!r}; use another --workdir or the same config')
+                        f'run with {key}={was!r}; use another --workdir, the same config, '
+                        'or --fresh to move the old run aside')
     return True
   if write:
     os.makedirs(workdir, exist_ok=True)

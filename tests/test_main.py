@@ -56,6 +56,11 @@ def test_train_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize('override,needle', [
+    ('--config.seq_len=abc', 'flag --config.seq_len=abc'),
+    ('--config.nonexistent=3', 'unknown config key nonexistent'),
+    ('--config.seed=-1', 'config.seed=-1'),
+    ('--config.name=', "config.name=''"),
+    ('--temperature=-2', 'config.sample.temperature=-2.0'),
     ('--config.model.attention=kqv', 'config.model.attention'),
     ('--config.model.num_kv_heads=3', 'config.model.num_kv_heads=3'),
     ('--config.mesh.data=3', 'config.mesh'),
@@ -84,6 +89,12 @@ def test_workdir_of_another_model_is_refused(tmp_path, data_dir):
   assert result.returncode == 2
   assert 'model.num_layers=2' in result.stderr and 'holds a run' in result.stderr
   assert os.listdir(workdir) == ['run.json']
+  # --fresh moves the old run aside (never deletes it) and starts over.
+  fresh = run(workdir, data_dir, '--fresh', '--config.num_train_steps=1', timeout=300)
+  assert fresh.returncode == 0, fresh.stderr[-3000:]
+  aside = [p for p in os.listdir(tmp_path) if p.startswith('w.old-')]
+  assert len(aside) == 1 and os.listdir(tmp_path / aside[0]) == ['run.json']
+  assert json.load(open(workdir / 'run.json'))['model']['num_layers'] == 2
 
 
 @pytest.mark.parametrize('policy', ['stop', 'skip'])

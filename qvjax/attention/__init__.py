@@ -1,5 +1,7 @@
 """Registry: config name (`model.attention`) -> attention module class."""
 
+from qvjax import config
+
 from qvjax.attention.mla import MLAttention
 from qvjax.attention.mla_qv import MLAQVAttention
 from qvjax.attention.qkv import QKVAttention
@@ -13,7 +15,8 @@ PARADIGMS = {
     'mla': MLAttention,
     'mla_qv': MLAQVAttention,
 }
-MLA_PARADIGMS = ('mla', 'mla_qv')
+MLA_PARADIGMS = config.MLA_PARADIGMS
+assert tuple(PARADIGMS) == config.PARADIGMS, 'qvjax.config.PARADIGMS names what is here'
 
 
 def make_attention(cfg, rngs):
