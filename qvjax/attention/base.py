@@ -65,6 +65,12 @@ class CachedAttention(nnx.Module):
     """Decoding's attention over the cache; MLA overrides it with its absorbed form."""
     return self.attend(x_BTD, positions_BT, cache, kv_positions_BS, mask_B1TS)
 
+  def attention_probs(self, x_BTD, positions_BT, segment_ids_BT):
+    """The softmax weights the forward pass uses, (B, H, T, T) float32: the
+    same queries, keys, scale, position bias and mask, written out instead of
+    fused. For inspection (qvjax.inspect); training never calls it."""
+    raise NotImplementedError
+
   def __call__(self, x_BTD, positions_BT, segment_ids_BT):
     entries = self.cache_entries(x_BTD, positions_BT)
     return self.attend(x_BTD, positions_BT, entries, positions_BT,
@@ -97,6 +103,22 @@ class Attention(CachedAttention):
   def keys_values(self, entries, positions_BS):
     """Keys (position-encoded) and values, each (B, S, G, d), from entries."""
     raise NotImplementedError
+
+  def attention_probs(self, x_BTD, positions_BT, segment_ids_BT):
+    cfg, dt = self.cfg, x_BTD.dtype
+    q_BTHd = jnp.einsum('btd,dhk->bthk', x_BTD, self.w_q_DHd[...].astype(dt))
+    q_BTHd = positions.rotate(q_BTHd, positions_BT, cfg)
+    k_BSGd, _ = self.keys_values(self.cache_entries(x_BTD, positions_BT), positions_BT)
+    # Query head h reads KV head h // (H / G), as dot_product_attention groups them.
+    k_BSHd = jnp.repeat(k_BSGd, cfg.num_heads // cfg.num_kv_heads, axis=2)
+    scores_BHTS = jnp.einsum('bthk,bshk->bhts', q_BTHd, k_BSHd,
+                             preferred_element_type=jnp.float32) * cfg.head_dim ** -0.5
+    bias_BHTS = positions.bias(cfg, self.agf_raw_H, positions_BT, positions_BT)
+    if bias_BHTS is not None:
+      scores_BHTS = scores_BHTS + bias_BHTS
+    scores_BHTS = jnp.where(attention_mask(segment_ids_BT), scores_BHTS,
+                            jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores_BHTS, axis=-1)
 
   def attend(self, x_BTD, positions_BT, entries, kv_positions_BS, mask_B1TS):
     """Queries of x against the keys/values rebuilt from `entries`."""

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from qvjax import positions
-from qvjax.attention.base import Q_AXES, CachedAttention
+from qvjax.attention.base import Q_AXES, CachedAttention, attention_mask
 from qvjax.layers import RMSNorm, constrain, out_std, param
 
 # The latent axes (r and q) are never split (logical name None): they are
@@ -125,6 +125,17 @@ class MLAttention(CachedAttention):
     scores_BHTS = scores_BHTS + self.rope_scores(q_rope_BTHP, entries)
     probs_BHTS = self.probs(scores_BHTS, positions_BT, kv_positions_BS, mask_B1TS)
     return self.output(jnp.einsum('bhts,bshe->bthe', probs_BHTS.astype(dt), v_BSHe))
+
+  def attention_probs(self, x_BTD, positions_BT, segment_ids_BT):
+    """The naive form's softmax weights, (B, H, T, T) float32 (for inspection)."""
+    dt = x_BTD.dtype
+    entries = self.cache_entries(x_BTD, positions_BT)
+    q_nope_BTHn, q_rope_BTHP = self.queries(x_BTD, positions_BT)
+    k_nope_BSHn = jnp.einsum('bsc,chn->bshn', entries['latent'], self.key_up().astype(dt))
+    scores_BHTS = jnp.einsum('bthn,bshn->bhts', q_nope_BTHn, k_nope_BSHn,
+                             preferred_element_type=jnp.float32)
+    scores_BHTS = scores_BHTS + self.rope_scores(q_rope_BTHP, entries)
+    return self.probs(scores_BHTS, positions_BT, positions_BT, attention_mask(segment_ids_BT))
 
   def attend_cached(self, x_BTD, positions_BT, cache, kv_positions_BS, mask_B1TS):
     """Absorbed form: scores and the weighted sum act on the latents directly."""
