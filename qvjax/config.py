@@ -167,18 +167,18 @@ def validate_static(c: ml_collections.ConfigDict, workdir: str | None = None):
     parent = os.path.abspath(workdir)
     while not os.path.exists(parent):
       parent = os.path.dirname(parent)
-    _require(os.path.isdir(parent) and os.access(parent, os.W_OK), 'workdir', workdir,
-             f'{parent} is not a writable directory')
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+      raise ConfigError(f'--workdir={workdir} is invalid: {parent} is not a writable directory')
 
 
 def validate_for_devices(c: ml_collections.ConfigDict, num_devices: int,
                          num_processes: int = 1) -> tuple[int, ...]:
   """The checks that depend on the devices; returns the resolved mesh shape."""
   m = c.model
+  shape = mesh_shape(c, num_devices)
   n = slices(c)
   _require(n == 1 or num_processes % n == 0, 'dcn_mesh', c.dcn_mesh.to_dict(),
            f'{n} slices must divide the {num_processes} processes (each slice whole processes)')
-  shape = mesh_shape(c, num_devices)
   data, fsdp, tensor = shape
   batch = global_batch_size(c, num_devices)
   _require(batch % (data * fsdp) == 0, 'global_batch_size', batch,
