@@ -10,9 +10,12 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +69,23 @@ def test_dry_run_lists_every_run_and_seed(tmp_path, capsys):
   assert f'--config=configs/experiments/paper.py:tiny,qv_ka_c1,1 --workdir={tmp_path}/' \
          'qv_ka_c1/seed1' in out
   assert not os.listdir(tmp_path)  # A dry run writes nothing.
+
+
+def test_launcher_takes_qvjax_main_flags(tmp_path, capsys):
+  assert experiments.main(['--scale=tiny', '--only=qv', f'--workdir={tmp_path}', '--dry-run',
+                           '--launcher=launch/local.sh 2', '--set', 'mesh.data=2']) == 0
+  out = capsys.readouterr().out
+  assert (f' launch/local.sh 2 --config=configs/experiments/paper.py:tiny,qv,0 '
+          f'--workdir={tmp_path}/qv/seed0 --config.mesh.data=2') in out
+
+
+def test_shards_split_the_cells(tmp_path, capsys):
+  seen = []
+  for i in range(3):
+    assert experiments.main(['--scale=tiny', '--seeds=2', f'--workdir={tmp_path}', '--dry-run',
+                             f'--shard={i}/3']) == 0
+    seen += [(r.split()[1], r.split()[2]) for r in capsys.readouterr().out.splitlines()[2:]]
+  assert sorted(seen) == sorted((n, str(s)) for s in (0, 1) for n in PAPER_RUNS)
 
 
 @pytest.mark.parametrize('scale', ['small', 'medium', 'large'])
@@ -192,6 +212,34 @@ def test_suite_trains_reports_skips_and_resumes(tmp_path, data_dir):
   assert probs.shape == (2, 4, T, T) and T > 3
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
   assert np.all(np.triu(probs, 1) == 0.0)
+
+
+@pytest.mark.slow
+def test_a_signal_stops_the_suite_and_the_same_command_resumes(tmp_path, data_dir):
+  workdir = tmp_path / 'suite'
+  args = ['--only=mqa', '--set', 'num_train_steps=40']
+  cmd = [sys.executable, '-m', 'qvjax.experiments', '--scale=tiny', f'--workdir={workdir}',
+         '--set', f'dataset.data_dir={data_dir}', *args]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=child_env())
+  log = workdir / 'logs' / 'mqa_seed0.log'
+  deadline = time.monotonic() + 120
+  # 'train:' is the progress bar: the cell has set up and handles signals.
+  while not (log.exists() and 'train:' in log.read_text()):
+    assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+    time.sleep(0.2)
+  time.sleep(0.5)
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 3, out
+  stopped = int(re.search(r'stopped at step (\d+)', out).group(1))
+  assert 1 <= stopped < 40
+  assert 'Stopped by signal' in log.read_text()
+  again = suite(workdir, data_dir, *args)
+  assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+  assert f'resuming from step {stopped}' in again.stdout
+  steps = [r['step'] for r in metric_rows(workdir / 'mqa' / 'seed0') if 'loss' in r]
+  assert steps[-1] == 40 and set(steps) == set(range(1, 41))
 
 
 # --- Attention probabilities ------------------------------------------------
