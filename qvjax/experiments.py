@@ -44,8 +44,8 @@ import importlib.util
 import json
 import os
 import shlex
-import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -210,12 +210,13 @@ def status(cell: Cell) -> tuple[str, int]:
 
 
 class Stopper:
-  """SIGTERM/SIGINT: pass a SIGTERM to the running cell (it saves and exits)
-  and start no other."""
+  """SIGTERM/SIGINT/SIGHUP: pass a SIGTERM to the running cell (it saves and
+  exits) and start no other."""
 
   def __init__(self):
     self.requested, self.proc = False, None
-    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    self._previous = {s: signal.signal(s, self._handle)
+                      for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
 
   def _handle(self, signum, frame):
     self.requested = True
@@ -264,9 +265,32 @@ def command(cell: Cell, launcher: list[str], sets: list[str]) -> list[str]:
           *(f'--config.{s}' for s in sets)]
 
 
+RUNNING = '.suite_running'  # In a cell's workdir while this host runs it: {host, pid}.
+
+
+def running_elsewhere(cell: Cell) -> str | None:
+  """'pid N' if a live process of this host already trains the cell (an
+  earlier runner killed hard leaves its cell running on): two trainers must
+  never share a workdir."""
+  path = _path(cell.workdir) / RUNNING
+  if not path.exists():
+    return None
+  try:
+    record = json.loads(path.read_text())
+    if record['host'] != socket.gethostname():
+      return None  # Another host's: --shard keeps hosts apart; a stale file is harmless.
+    with open(f'/proc/{int(record["pid"])}/cmdline', 'rb') as f:
+      alive = b'qvjax' in f.read()
+  except (OSError, ValueError, KeyError):
+    return None
+  return f'pid {record["pid"]}' if alive else None
+
+
 def run_cell(cell: Cell, cmd: list[str], log_path: str, stopper: Stopper) -> tuple[int, float]:
   """Runs one cell to its end (or a signal); (exit code, seconds)."""
   os.makedirs(os.path.dirname(log_path), exist_ok=True)
+  _path(cell.workdir).mkdir(parents=True, exist_ok=True)
+  marker = _path(cell.workdir) / RUNNING
   start = time.perf_counter()
   with open(log_path, 'a') as log:
     log.write(f'\n=== {time.strftime("%Y-%m-%d %H:%M:%S")} {shlex.join(cmd)}\n')
@@ -275,13 +299,13 @@ def run_cell(cell: Cell, cmd: list[str], log_path: str, stopper: Stopper) -> tup
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     stopper.proc = proc
-    while True:
-      try:
-        rc = proc.wait()
-        break
-      except KeyboardInterrupt:  # Only if a handler was not installed.
-        proc.send_signal(signal.SIGTERM)
-    stopper.proc = None
+    marker.write_text(json.dumps({'host': socket.gethostname(), 'pid': proc.pid}))
+    try:
+      rc = proc.wait()
+    finally:
+      stopper.proc = None
+      if proc.poll() is not None:
+        marker.unlink(missing_ok=True)
   return rc, time.perf_counter() - start
 
 
@@ -417,6 +441,12 @@ def main(argv=None) -> int:
         continue
       if state.startswith('conflict'):
         print(f'{head}: FAILED, {state}', flush=True)
+        failed.append(cell)
+        continue
+      busy = running_elsewhere(cell)
+      if busy:
+        print(f'{head}: FAILED, already being trained by {busy} (an earlier runner\'s '
+              'cell?); stop it or wait for it, then run again', flush=True)
         failed.append(cell)
         continue
       log_path = os.path.join(results.local_dir(workdir), 'logs', f'{cell.key}.log')

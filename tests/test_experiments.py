@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -172,6 +173,8 @@ def test_suite_trains_reports_skips_and_resumes(tmp_path, data_dir):
   assert all((workdir / n / 'seed0' / 'tokenizer' / 'spm.model').read_bytes() == shared
              for n in ('qkv', 'qv'))
 
+  assert not (workdir / 'qv' / 'seed0' / experiments.RUNNING).exists()
+
   # A second invocation starts nothing.
   log_lines = (workdir / 'suite_log.jsonl').read_text().count('\n')
   again = suite(workdir, data_dir, '--only=qkv,qv')
@@ -240,6 +243,23 @@ def test_a_signal_stops_the_suite_and_the_same_command_resumes(tmp_path, data_di
   assert f'resuming from step {stopped}' in again.stdout
   steps = [r['step'] for r in metric_rows(workdir / 'mqa' / 'seed0') if 'loss' in r]
   assert steps[-1] == 40 and set(steps) == set(range(1, 41))
+
+
+def test_a_cell_still_being_trained_is_not_started_twice(tmp_path, data_dir, capsys):
+  cell = tmp_path / 'suite' / 'qv' / 'seed0'
+  cell.mkdir(parents=True)
+  orphan = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', 'qvjax'])
+  try:
+    (cell / experiments.RUNNING).write_text(json.dumps(
+        {'host': socket.gethostname(), 'pid': orphan.pid}))
+    assert experiments.main(['--scale=tiny', '--only=qv', f'--workdir={tmp_path}/suite',
+                             '--set', f'dataset.data_dir={data_dir}']) == 1
+    assert f'already being trained by pid {orphan.pid}' in capsys.readouterr().out
+  finally:
+    orphan.kill()
+    orphan.wait()
+  assert experiments.running_elsewhere(experiments.make_cells(
+      paper, 'x.py', 'tiny', 1, str(tmp_path / 'suite'), ['qv'], [])[0]) is None
 
 
 # --- Attention probabilities ------------------------------------------------
