@@ -273,7 +273,17 @@ def plot(rows: list[dict], plotted: dict, cells) -> bytes:
     axes[0].set_ylim(lo - pad, hi + pad)
   titles = ('train loss (moving average of 5 logs)', 'eval loss',
             'train loss, first 20% of training')
+  from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+  def tokens(x, _):
+    for unit, scale in (('G', 1e9), ('M', 1e6), ('k', 1e3)):
+      if abs(x) >= scale:
+        return f'{x / scale:.4g}{unit}'
+    return f'{x:.4g}'
+
   for ax, title in zip(axes, titles):
+    ax.xaxis.set_major_locator(MaxNLocator(6))
+    ax.xaxis.set_major_formatter(FuncFormatter(tokens))
     ax.set_title(title)
     ax.set_xlabel('training tokens')
     ax.set_ylabel('loss (nats/token)')

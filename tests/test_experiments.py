@@ -135,6 +135,48 @@ def test_bad_usage_is_one_line_and_exit_code_2(tmp_path, capsys, args, needle):
   assert len(err) == 1 and needle in err[0]
 
 
+def fake_cell(cell, losses, eval_loss, finished=True):
+  """A workdir as a finished (or partial) qvjax.main run leaves it."""
+  n = cell.config.num_train_steps
+  os.makedirs(os.path.join(cell.workdir, 'checkpoints', str(n if finished else n // 2)))
+  with open(os.path.join(cell.workdir, 'metrics.jsonl'), 'w') as f:
+    for step, loss in enumerate(losses, 1):
+      f.write(json.dumps({'step': step, 'loss': loss, 'tokens_per_s': 1000.0 + step}) + '\n')
+    if finished:
+      f.write(json.dumps({'step': n, 'eval_loss': eval_loss,
+                          'eval_perplexity': math.exp(eval_loss)}) + '\n')
+
+
+def test_report_statistics_over_seeds(tmp_path):
+  cells = experiments.make_cells(paper, 'configs/experiments/paper.py', 'tiny', 2,
+                                 str(tmp_path), ['qkv', 'qv', 'qv_agf'], [])
+  evals = {('qkv', 0): 4.0, ('qkv', 1): 4.2, ('qv', 0): 4.1, ('qv', 1): 4.25,
+           ('qv_agf', 0): 4.3}
+  for cell in cells:
+    key = (cell.name, cell.seed)
+    fake_cell(cell, np.linspace(7.0, evals.get(key, 5.0), 6), evals.get(key, 5.0),
+              finished=key in evals)
+  facts = {c.name: results.model_facts(c.config) for c in cells}
+  meta = {'suite': 'paper', 'scale': 'tiny', 'seeds': 2, 'workdir': str(tmp_path),
+          'command': 'python -m qvjax.experiments ...'}
+  results.write(paper, cells, facts, meta)
+  with open(tmp_path / 'results.csv') as f:
+    rows = {r['run']: r for r in csv.DictReader(f)}
+  qv = rows['qv']
+  assert float(qv['eval_loss_mean']) == pytest.approx(4.175)
+  assert float(qv['eval_loss_std']) == pytest.approx(np.std([4.1, 4.25], ddof=1))
+  paired = [100 * (math.exp(4.1 - 4.0) - 1), 100 * (math.exp(4.25 - 4.2) - 1)]
+  assert float(qv['dppl_pct_mean']) == pytest.approx(np.mean(paired))
+  assert float(qv['dppl_pct_std']) == pytest.approx(np.std(paired, ddof=1))
+  assert float(qv['tokens_per_s']) == pytest.approx(1003.5)
+  # qv_agf: one seed finished, its baseline (qkv_agf) not in this suite.
+  assert rows['qv_agf']['seeds_finished'] == '1' and rows['qv_agf']['dppl_pct_mean'] == ''
+  md = (tmp_path / 'results.md').read_text()
+  assert '- qv_agf_seed1: partial (checkpoint at step 3)' in md
+  assert '| qkv | QKV (MHA) | rope |' in md and '| baseline |' in md
+  assert (tmp_path / 'loss_curves.png').read_bytes().startswith(b'\x89PNG')
+
+
 # --- End to end -------------------------------------------------------------
 
 
