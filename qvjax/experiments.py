@@ -206,6 +206,18 @@ def status(cell: Cell) -> tuple[str, int]:
   return 'new', 0
 
 
+def seeds_present(workdir: str, runs) -> int:
+  """1 + the highest seed index with a workdir under DIR/<run>/ (0 if none)."""
+  found = 0
+  for run in runs:
+    d = _path(workdir) / run['name']
+    if d.exists():
+      for p in d.iterdir():
+        if p.name.startswith('seed') and p.name[4:].isdigit():
+          found = max(found, int(p.name[4:]) + 1)
+  return found
+
+
 # --- Running ----------------------------------------------------------------
 
 
@@ -351,7 +363,8 @@ def parse_args(argv):
   p.add_argument('--scale', default='small', help="the suite's scale (paper: tiny, small, "
                  'medium, large)')
   p.add_argument('--seeds', type=int, default=None,
-                 help="seed indices 0..N-1 (default: the scale's)")
+                 help="seed indices 0..N-1 (default: the scale's, or as many as the "
+                 'suite directory already holds if more)')
   p.add_argument('--workdir', default=None, help='the suite directory (default runs/SUITE_SCALE)')
   p.add_argument('--only', default='', help='comma-separated run names: just these runs')
   p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
@@ -384,11 +397,13 @@ def main(argv=None) -> int:
     suite, suite_path = load_suite(args.suite)
     if args.scale not in suite.SCALES:
       raise UsageError(f'--scale={args.scale} is invalid: one of {", ".join(suite.SCALES)}')
-    seeds = args.seeds or suite.SCALES[args.scale].get('seeds', 1)
     suite_name = os.path.splitext(os.path.basename(args.suite))[0]
     workdir = args.workdir or os.path.join('runs', f'{suite_name}_{args.scale}')
     if not workdir.startswith('gs://'):
       workdir = os.path.abspath(workdir)  # Cells run with the repository as cwd.
+    # Default: the scale's seed count, or as many as the directory already has.
+    seeds = args.seeds or max(suite.SCALES[args.scale].get('seeds', 1),
+                              seeds_present(workdir, suite.RUNS))
     only = [n for n in args.only.split(',') if n]
     cells = make_cells(suite, suite_path, args.scale, seeds, workdir, only, args.set)
     from qvjax import config as config_lib
