@@ -9,7 +9,7 @@ from flax import nnx
 
 from qvjax import positions
 from qvjax.attention import make_attention
-from qvjax.layers import RMSNorm, SwiGLU, constrain, param
+from qvjax.layers import RMSNorm, SwiGLU, constrain, linear, param
 
 ACT_AXES = ('batch', 'length', 'act_embed')
 
@@ -66,8 +66,7 @@ class Decoder(nnx.Module):
       head_DV = self.embed_VD[...].T * self.cfg.emb_dim ** -0.5
     else:
       head_DV = self.head_DV[...]
-    logits_BTV = jnp.einsum('btd,dv->btv', x_BTD, head_DV.astype(x_BTD.dtype),
-                            preferred_element_type=jnp.float32)
+    logits_BTV = linear(x_BTD, head_DV.astype(x_BTD.dtype), 1, jnp.float32)
     return constrain(logits_BTV, ('batch', 'length', 'act_vocab'))
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):

@@ -35,12 +35,15 @@ def apply_rope(x_BTNd, positions_BT, theta: float):
   half = d // 2
   freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2 / d)
   angles_BTf = positions_BT[..., None].astype(jnp.float32) * freqs
-  sin = jnp.sin(angles_BTf)[:, :, None, :]
-  cos = jnp.cos(angles_BTf)[:, :, None, :]
-  x1 = x_BTNd[..., :half].astype(jnp.float32)
-  x2 = x_BTNd[..., half:].astype(jnp.float32)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BTNd.dtype)
+  sin, cos = jnp.sin(angles_BTf), jnp.cos(angles_BTf)
+  # out = x * [cos, cos] + swap_halves(x) * [-sin, sin]: one elementwise pass
+  # whose gradient is one too (slices and a concatenate of x cost pads and
+  # copies in the backward pass).
+  cos_BT1d = jnp.concatenate([cos, cos], axis=-1)[:, :, None, :]
+  sin_BT1d = jnp.concatenate([-sin, sin], axis=-1)[:, :, None, :]
+  x = x_BTNd.astype(jnp.float32)
+  swapped = jnp.flip(x.reshape(x.shape[:-1] + (2, half)), axis=-2).reshape(x.shape)
+  return (x * cos_BT1d + swapped * sin_BT1d).astype(x_BTNd.dtype)
 
 
 def rotate(x_BTNd, positions_BT, cfg):

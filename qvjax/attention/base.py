@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qvjax import positions
-from qvjax.layers import constrain, out_std, param
+from qvjax.layers import constrain, linear, out_std, param
 
 Q_AXES = ('batch', 'length', 'act_heads', 'head_dim')
 KV_AXES = ('batch', 'length', 'act_kv_heads', 'head_dim')
@@ -123,7 +123,7 @@ class Attention(CachedAttention):
   def attend(self, x_BTD, positions_BT, entries, kv_positions_BS, mask_B1TS):
     """Queries of x against the keys/values rebuilt from `entries`."""
     dt = x_BTD.dtype
-    q_BTHd = jnp.einsum('btd,dhk->bthk', x_BTD, self.w_q_DHd[...].astype(dt))
+    q_BTHd = linear(x_BTD, self.w_q_DHd[...].astype(dt))
     q_BTHd = constrain(positions.rotate(q_BTHd, positions_BT, self.cfg), Q_AXES)
     k_BSGd, v_BSGd = self.keys_values(entries, kv_positions_BS)
     k_BSGd, v_BSGd = constrain(k_BSGd, KV_AXES), constrain(v_BSGd, KV_AXES)
@@ -131,5 +131,5 @@ class Attention(CachedAttention):
     out_BTHd = jax.nn.dot_product_attention(q_BTHd, k_BSGd, v_BSGd, bias=bias_BHTS,
                                             mask=mask_B1TS)
     out_BTHd = constrain(out_BTHd, Q_AXES)
-    return jnp.einsum('bthk,hkd->btd', out_BTHd, self.w_o_HdD[...].astype(dt))
+    return linear(out_BTHd, self.w_o_HdD[...].astype(dt), 2)
 

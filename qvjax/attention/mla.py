@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from qvjax import positions
 from qvjax.attention.base import Q_AXES, CachedAttention, attention_mask
-from qvjax.layers import RMSNorm, constrain, out_std, param
+from qvjax.layers import RMSNorm, constrain, linear, out_std, param
 
 # The latent axes (r and q) are never split (logical name None): they are
 # narrow and every head reads all of them.
@@ -72,9 +72,9 @@ class MLAttention(CachedAttention):
 
   def cache_entries(self, x_BTD, positions_BT):
     dt = x_BTD.dtype
-    entries = {'latent': self.kv_norm(x_BTD @ self.w_dkv_DC[...].astype(dt))}
+    entries = {'latent': self.kv_norm(linear(x_BTD, self.w_dkv_DC[...].astype(dt)))}
     if self.w_kr_DP is not None:
-      k_rope_BT1P = (x_BTD @ self.w_kr_DP[...].astype(dt))[:, :, None]
+      k_rope_BT1P = linear(x_BTD, self.w_kr_DP[...].astype(dt))[:, :, None]
       entries['k_rope'] = positions.rotate(k_rope_BT1P, positions_BT, self.cfg)[:, :, 0]
     return entries
 
@@ -82,10 +82,10 @@ class MLAttention(CachedAttention):
     """(q_nope, q_rope), (B, T, H, n) and (B, T, H, p), q_rope position-encoded."""
     dt = x_BTD.dtype
     if self.cfg.mla.q_lora_rank:
-      c_q_BTQ = self.q_norm(x_BTD @ self.w_dq_DQ[...].astype(dt))
-      q_BTHk = jnp.einsum('btq,qhk->bthk', c_q_BTQ, self.w_uq_QHk[...].astype(dt))
+      c_q_BTQ = self.q_norm(linear(x_BTD, self.w_dq_DQ[...].astype(dt)))
+      q_BTHk = linear(c_q_BTQ, self.w_uq_QHk[...].astype(dt))
     else:
-      q_BTHk = jnp.einsum('btd,dhk->bthk', x_BTD, self.w_q_DHk[...].astype(dt))
+      q_BTHk = linear(x_BTD, self.w_q_DHk[...].astype(dt))
     q_BTHk = constrain(q_BTHk, Q_AXES)
     n = self.cfg.mla.qk_nope_head_dim
     return q_BTHk[..., :n], positions.rotate(q_BTHk[..., n:], positions_BT, self.cfg)
@@ -108,18 +108,18 @@ class MLAttention(CachedAttention):
 
   def output(self, out_BTHe):
     out_BTHe = constrain(out_BTHe, Q_AXES)
-    return jnp.einsum('bthe,hed->btd', out_BTHe, self.w_o_HeD[...].astype(out_BTHe.dtype))
+    return linear(out_BTHe, self.w_o_HeD[...].astype(out_BTHe.dtype), 2)
 
   def attend(self, x_BTD, positions_BT, entries, kv_positions_BS, mask_B1TS):
     """Naive form: per-head keys and values expanded from the latents."""
     dt = x_BTD.dtype
     q_nope_BTHn, q_rope_BTHP = self.queries(x_BTD, positions_BT)
     c_BSC = entries['latent']
-    v_BSHe = constrain(jnp.einsum('bsc,che->bshe', c_BSC, self.w_uv_CHe[...].astype(dt)), Q_AXES)
+    v_BSHe = constrain(linear(c_BSC, self.w_uv_CHe[...].astype(dt)), Q_AXES)
     # mla_qv reuses v as its key: expanding c W_UV twice made XLA:CPU's
     # train step ~1.7x slower.
     k_nope_BSHn = v_BSHe if self.KEY_FROM_VALUE else constrain(
-        jnp.einsum('bsc,chn->bshn', c_BSC, self.w_uk_CHn[...].astype(dt)), Q_AXES)
+        linear(c_BSC, self.w_uk_CHn[...].astype(dt)), Q_AXES)
     scores_BHTS = jnp.einsum('bthn,bshn->bhts', q_nope_BTHn, k_nope_BSHn,
                              preferred_element_type=jnp.float32)
     scores_BHTS = scores_BHTS + self.rope_scores(q_rope_BTHP, entries)

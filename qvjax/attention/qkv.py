@@ -3,10 +3,9 @@
 Cache per token and layer: the rotated key and the value, 2 G d numbers.
 """
 
-import jax.numpy as jnp
-
 from qvjax import positions
 from qvjax.attention.base import KV_AXES, Attention
+from qvjax.layers import linear
 
 
 class QKVAttention(Attention):
@@ -23,8 +22,8 @@ class QKVAttention(Attention):
 
   def cache_entries(self, x_BTD, positions_BT):
     dt = x_BTD.dtype
-    k_BTGd = jnp.einsum('btd,dgk->btgk', x_BTD, self.w_k_DGd[...].astype(dt))
-    v_BTGd = jnp.einsum('btd,dgk->btgk', x_BTD, self.w_v_DGd[...].astype(dt))
+    k_BTGd = linear(x_BTD, self.w_k_DGd[...].astype(dt))
+    v_BTGd = linear(x_BTD, self.w_v_DGd[...].astype(dt))
     # Keys are rotated once, at their own position, before they are cached.
     return {'k': positions.rotate(k_BTGd, positions_BT, self.cfg), 'v': v_BTGd}
 

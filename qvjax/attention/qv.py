@@ -7,10 +7,9 @@ same KV head count); decoding re-rotates the cached values into keys at each
 step, an elementwise cost paid for the halved memory.
 """
 
-import jax.numpy as jnp
-
 from qvjax import positions
 from qvjax.attention.base import KV_AXES, Attention
+from qvjax.layers import linear
 
 
 class QVAttention(Attention):
@@ -24,7 +23,7 @@ class QVAttention(Attention):
     return {'v': ((cfg.num_kv_heads, cfg.head_dim), KV_AXES)}
 
   def cache_entries(self, x_BTD, positions_BT):
-    return {'v': jnp.einsum('btd,dgk->btgk', x_BTD, self.w_v_DGd[...].astype(x_BTD.dtype))}
+    return {'v': linear(x_BTD, self.w_v_DGd[...].astype(x_BTD.dtype))}
 
   def keys_values(self, entries, positions_BS):
     v_BSGd = entries['v']

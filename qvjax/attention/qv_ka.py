@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from qvjax import positions
 from qvjax.attention.base import KV_AXES, Attention
-from qvjax.layers import param
+from qvjax.layers import linear, param
 
 
 class QVKaAttention(Attention):
@@ -39,9 +39,9 @@ class QVKaAttention(Attention):
 
   def cache_entries(self, x_BTD, positions_BT):
     dt = x_BTD.dtype
-    entries = {'v': jnp.einsum('btd,dgk->btgk', x_BTD, self.w_v_DGd[...].astype(dt))}
+    entries = {'v': linear(x_BTD, self.w_v_DGd[...].astype(dt))}
     if self.w_ctx_DGc is not None:
-      entries['ctx'] = jnp.einsum('btd,dgc->btgc', x_BTD, self.w_ctx_DGc[...].astype(dt))
+      entries['ctx'] = linear(x_BTD, self.w_ctx_DGc[...].astype(dt))
     return entries
 
   def keys_values(self, entries, positions_BS):
