@@ -101,6 +101,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.adam_b1 = 0.9
   c.adam_b2 = 0.95
   c.grad_clip_norm = 1.0
+  # Speed and memory (docs/performance.md). None of these changes the
+  # function computed, so a run may resume or be evaluated with other values.
+  # What the backward pass recomputes instead of storing, per block:
+  # 'none' (fastest, most memory) | 'dots' (keeps matmul outputs, recomputes
+  # norms/softmax/SwiGLU gates) | 'full' (keeps only each block's input).
+  c.remat = 'none'
+  # Positions per chunk of the logits + loss (0 = all at once); the chunks'
+  # logits are recomputed in the backward pass, so the (batch, seq_len, vocab)
+  # logits are never all in memory. Must divide seq_len. Use with large vocabularies.
+  c.loss_chunk = 0
+  # Microbatches per step: the global batch runs in this many sequential
+  # pieces whose gradients are summed (same update, 1/k of the activations).
+  # global batch / (mesh data*fsdp) must be divisible by it.
+  c.grad_accum_steps = 1
   # A step whose loss or gradients are not finite: 'stop' (keep the last good
   # checkpoint, name the step and the first bad quantity, exit 1) or 'skip'
   # (drop that update, count it; stop after max_consecutive_nonfinite in a row).

@@ -16,6 +16,7 @@ PARADIGMS = ('qkv', 'qv', 'qv_ka', 'mla', 'mla_qv')
 MLA_PARADIGMS = ('mla', 'mla_qv')
 POSITIONS = ('rope', 'alibi', 'agf', 'sinusoidal', 'none')
 DTYPES = ('float32', 'bfloat16')
+REMAT = ('none', 'dots', 'full')  # qvjax.model.REMAT_POLICIES, plus 'none'.
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
@@ -152,6 +153,7 @@ def validate_static(c: ml_collections.ConfigDict, workdir: str | None = None):
            'max_consecutive_nonfinite', c.max_consecutive_nonfinite, 'must be a positive integer')
   for key in ('adam_b1', 'adam_b2'):
     _require(0 <= c[key] < 1, key, c[key], 'must be in [0, 1)')
+  validate_execution(c)
   from qvjax.data import options as data_options  # It imports ConfigError from here.
   data_options.validate_config(c)
   pieces = c.tokenizer.vocab_size or c.model.vocab_size
@@ -171,6 +173,16 @@ def validate_static(c: ml_collections.ConfigDict, workdir: str | None = None):
       raise ConfigError(f'--workdir={workdir} is invalid: {parent} is not a writable directory')
 
 
+def validate_execution(c: ml_collections.ConfigDict):
+  """The speed/memory knobs: remat, loss_chunk, grad_accum_steps."""
+  _require(c.remat in REMAT, 'remat', c.remat, f'one of {", ".join(REMAT)}')
+  chunk = c.loss_chunk
+  _require(isinstance(chunk, int) and chunk >= 0 and (chunk == 0 or c.seq_len % chunk == 0),
+           'loss_chunk', chunk, f'must be 0 (off) or a divisor of seq_len={c.seq_len}')
+  _require(isinstance(c.grad_accum_steps, int) and c.grad_accum_steps > 0, 'grad_accum_steps',
+           c.grad_accum_steps, 'must be a positive integer (1 = no accumulation)')
+
+
 def validate_for_devices(c: ml_collections.ConfigDict, num_devices: int,
                          num_processes: int = 1) -> tuple[int, ...]:
   """The checks that depend on the devices; returns the resolved mesh shape."""
@@ -183,6 +195,9 @@ def validate_for_devices(c: ml_collections.ConfigDict, num_devices: int,
   batch = global_batch_size(c, num_devices)
   _require(batch % (data * fsdp) == 0, 'global_batch_size', batch,
            f'must be divisible by mesh data*fsdp = {data * fsdp}')
+  k = c.grad_accum_steps
+  _require(batch % (data * fsdp * k) == 0, 'grad_accum_steps', k,
+           f'must divide the global batch per data*fsdp shard ({batch} / {data * fsdp})')
   _require(batch % num_processes == 0, 'global_batch_size', batch,
            f'must be divisible by the {num_processes} processes')
   for key in ('num_heads', 'mlp_dim', 'vocab_size'):

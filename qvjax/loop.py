@@ -83,11 +83,13 @@ class Reporter:
       self.bar.close()
 
 
-def peak_flops() -> float:
-  peak = metrics.measure_peak_flops()
+def peak_flops(dtype='float32') -> tuple[float, str]:
+  """(the job's peak FLOP/s, its source): published per-chip peaks on known
+  GPUs/TPUs times the device count; on CPU the measured matmul rate."""
+  peak, source = metrics.peak_flops_per_device(dtype)
   if jax.devices()[0].platform != 'cpu':
     peak *= jax.device_count()  # Fake CPU devices share one set of cores.
-  return peak
+  return peak, source
 
 
 def train_and_evaluate(c, workdir: str) -> dict:
@@ -119,11 +121,12 @@ def train_and_evaluate(c, workdir: str) -> dict:
         print(f'Resuming from the checkpoint at step {start} in {workdir}', flush=True)
     meta = {'model': c.model.to_dict(), 'tokenizer': data.tokenizer_fingerprint(tokenizer),
             'seq_len': c.seq_len, 'processes': jax.process_count()}
-    flops_per_token, peak = metrics.train_flops_per_token(c.model, c.seq_len), peak_flops()
+    flops_per_token = metrics.train_flops_per_token(c.model, c.seq_len)
+    peak, peak_source = peak_flops(c.model.dtype)
     if is_lead:
       print(f'{c.model.attention}: {metrics.param_count(setup.abstract[0]) / 1e6:.2f}M params, '
             f'{flops_per_token / 1e6:.1f} MFLOPs/token, peak {peak / 1e9:.1f} GFLOP/s '
-            f'(measured matmul), mesh {sharding.describe(mesh)}, global batch {batch_size}',
+            f'({peak_source}), mesh {sharding.describe(mesh)}, global batch {batch_size}',
             flush=True)
     guard = NonFiniteGuard(c, train.param_names(setup))
     reporter = Reporter(c, writer, guard, start, batch_size * c.seq_len, flops_per_token, peak,

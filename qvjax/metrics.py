@@ -84,6 +84,51 @@ def measure_peak_flops(dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> fl
   return 2 * n ** 3 / best
 
 
+# Published dense (no sparsity) matmul peaks per chip, FLOP/s; docs/performance.md
+# cites them. float32 on NVIDIA is the TF32 tensor-core rate: XLA's default
+# precision for float32 matmuls there.
+PUBLISHED_PEAKS = {
+    'h200': {'bfloat16': 989e12, 'float32': 494e12},  # H200 SXM
+    'h100': {'bfloat16': 989e12, 'float32': 494e12},  # H100 SXM
+    'a100': {'bfloat16': 312e12, 'float32': 156e12},  # A100 SXM/PCIe
+    'l4': {'bfloat16': 121e12, 'float32': 60e12},
+    'tpu_v4': {'bfloat16': 275e12, 'float32': 275e12},
+    'tpu_v5e': {'bfloat16': 197e12, 'float32': 197e12},
+    'tpu_v5p': {'bfloat16': 459e12, 'float32': 459e12},
+    'tpu_v6e': {'bfloat16': 918e12, 'float32': 918e12},
+}
+# jax's device_kind -> the table's key (the first matching substring wins).
+DEVICE_KINDS = (('H200', 'h200'), ('H100', 'h100'), ('A100', 'a100'), ('L4', 'l4'),
+                ('TPU v4', 'tpu_v4'), ('TPU v5 lite', 'tpu_v5e'), ('TPU v5e', 'tpu_v5e'),
+                ('TPU v5', 'tpu_v5p'), ('TPU v6', 'tpu_v6e'))
+
+
+def chip_of(device) -> str | None:
+  """The PUBLISHED_PEAKS key of a jax device, or None (CPU, unknown chips)."""
+  if device.platform == 'cpu':
+    return None
+  for needle, chip in DEVICE_KINDS:
+    if needle in device.device_kind:
+      return chip
+  return None
+
+
+def published_peak(chip: str | None, dtype='float32') -> float | None:
+  """A chip's published dense peak for matmuls in `dtype`, or None if unknown."""
+  return PUBLISHED_PEAKS.get(chip, {}).get(jnp.dtype(dtype).name) if chip else None
+
+
+def peak_flops_per_device(dtype='float32') -> tuple[float, str]:
+  """(peak FLOP/s, where it comes from): the published figure on a known
+  GPU/TPU, else this device's measured matmul rate in `dtype` (on CPU, the
+  whole machine: fake devices share its cores)."""
+  device = jax.devices()[0]
+  peak = published_peak(chip_of(device), dtype)
+  if peak:
+    return peak, f'published {chip_of(device)} {jnp.dtype(dtype).name}'
+  return measure_peak_flops(jnp.dtype(dtype)), f'measured {jnp.dtype(dtype).name} matmul'
+
+
 def token_byte_lengths(tokenizer, size: int) -> np.ndarray:
   """UTF-8 bytes each token id stands for (byte pieces 1, control ids 0),
   the denominator of bits per byte; ids beyond the tokenizer count 0."""

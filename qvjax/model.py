@@ -3,6 +3,7 @@
 `extend` runs the same blocks over a KV cache (qvjax.decode drives it).
 """
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
@@ -12,6 +13,11 @@ from qvjax.attention import make_attention
 from qvjax.layers import RMSNorm, SwiGLU, constrain, linear, param
 
 ACT_AXES = ('batch', 'length', 'act_embed')
+# config.remat -> what jax.checkpoint may keep ('none' is no remat at all).
+REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 class Block(nnx.Module):
@@ -60,24 +66,42 @@ class Decoder(nnx.Module):
       x_BTD = x_BTD + positions.sinusoidal(positions_BT, self.cfg.emb_dim) * scale
     return constrain(x_BTD.astype(jnp.dtype(self.cfg.dtype)), ACT_AXES)
 
-  def logits(self, x_BTD):
-    x_BTD = self.final_norm(x_BTD)
+  def head(self):
+    """The output projection (D, V), float32."""
     if self.cfg.tie_embeddings:
-      head_DV = self.embed_VD[...].T * self.cfg.emb_dim ** -0.5
-    else:
-      head_DV = self.head_DV[...]
+      return self.embed_VD[...].T * self.cfg.emb_dim ** -0.5
+    return self.head_DV[...]
+
+  def logits(self, x_BTD, head_DV=None):
+    """float32 logits of the last block's output; `head_DV` = self.head(),
+    passed in when it is reused (the chunked loss builds it once)."""
+    x_BTD = self.final_norm(x_BTD)
+    head_DV = self.head() if head_DV is None else head_DV
     logits_BTV = linear(x_BTD, head_DV.astype(x_BTD.dtype), 1, jnp.float32)
     return constrain(logits_BTV, ('batch', 'length', 'act_vocab'))
 
-  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, remat: str = 'none'):
+    return self.logits(self.features(tokens_BT, positions_BT, segment_ids_BT, remat))
+
+  def features(self, tokens_BT, positions_BT=None, segment_ids_BT=None, remat: str = 'none'):
+    """The last block's output (B, T, D), before the final norm and the head.
+
+    remat (config.remat) chooses what the backward pass recomputes instead of
+    storing, block by block: 'none' stores every activation; 'full' stores
+    only each block's input; 'dots' stores the matmul outputs and recomputes
+    the elementwise work (norms, softmax, SwiGLU's gate). Same function.
+    """
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones_like(tokens_BT)
     x_BTD = self.embed(tokens_BT, positions_BT)
+    run = lambda block, x, p, s: block(x, p, s)
+    if remat != 'none':
+      run = nnx.remat(run, policy=REMAT_POLICIES[remat])
     for block in self.blocks:
-      x_BTD = block(x_BTD, positions_BT, segment_ids_BT)
-    return self.logits(x_BTD)
+      x_BTD = run(block, x_BTD, positions_BT, segment_ids_BT)
+    return x_BTD
 
   def extend(self, tokens_BT, positions_BT, caches, index, kv_positions_BS, mask_B1TS):
     """Runs tokens through the blocks against per-layer caches; (logits, caches)."""

@@ -17,6 +17,7 @@ from flax import nnx
 from flax.core import spmd
 
 from qvjax import sampling, sharding
+from qvjax.layers import constrain
 from qvjax.model import Decoder
 
 
@@ -37,6 +38,9 @@ def make_optimizer(c) -> tuple[optax.GradientTransformation, optax.Schedule]:
   return tx, schedule
 
 
+EXECUTION_DEFAULTS = {'remat': 'none', 'loss_chunk': 0, 'grad_accum_steps': 1}
+
+
 @dataclasses.dataclass
 class Setup:
   """Everything static about a run's state on a mesh."""
@@ -45,6 +49,8 @@ class Setup:
   shardings: tuple  # the same trees of NamedShardings
   schedule: optax.Schedule
   init: callable  # () -> state, jitted with out_shardings
+  # Execution knobs: remat, loss_chunk, grad_accum_steps (configs/default.py).
+  execution: dict = dataclasses.field(default_factory=dict)
 
 
 def build(c, mesh) -> Setup:
@@ -64,30 +70,91 @@ def build(c, mesh) -> Setup:
     model, opt = init_modules()
     return nnx.state(model), nnx.state(opt)
 
-  return Setup((gm, go), (am, ao), shardings, schedule, init)
+  execution = {k: c.get(k, v) for k, v in EXECUTION_DEFAULTS.items()}
+  return Setup((gm, go), (am, ao), shardings, schedule, init, execution)
 
 
-def loss_terms(model, batch):
-  """Summed next-token cross-entropy and the number of counted targets."""
-  logits_BTV = model(batch['inputs'], batch['positions'], batch['segment_ids'])
-  losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch['targets'])
+def loss_terms(model, batch, remat: str = 'none', loss_chunk: int = 0):
+  """Summed next-token cross-entropy and the number of counted targets.
+
+  loss_chunk > 0 (config.loss_chunk) computes logits and loss for that many
+  positions of every row at a time, recomputing each chunk's logits in the
+  backward pass: the (B, T, V) logits are never all stored. Same result.
+  """
+  x_BTD = model.features(batch['inputs'], batch['positions'], batch['segment_ids'], remat)
   weights_BT = batch['weights']
-  return jnp.sum(losses_BT * weights_BT), jnp.sum(weights_BT)
+  T = x_BTD.shape[1]
+  if not loss_chunk or loss_chunk >= T:
+    losses_BT = optax.softmax_cross_entropy_with_integer_labels(model.logits(x_BTD),
+                                                                batch['targets'])
+    return jnp.sum(losses_BT * weights_BT), jnp.sum(weights_BT)
+
+  # The head is built once, outside the loop: a tied head is a transposed copy
+  # of the embedding, which each chunk would otherwise rebuild (and hold).
+  head_DV = model.head().astype(x_BTD.dtype)
+
+  def chunk_loss(total, chunk):
+    x_BcD, targets_Bc, weights_Bc = chunk
+    losses_Bc = optax.softmax_cross_entropy_with_integer_labels(model.logits(x_BcD, head_DV),
+                                                                targets_Bc)
+    return total + jnp.sum(losses_Bc * weights_Bc), None
+
+  # Chunks along the sequence, so the (data, fsdp)-sharded batch axis stays whole.
+  split = lambda a: jnp.moveaxis(a.reshape(a.shape[:1] + (T // loss_chunk, loss_chunk)
+                                           + a.shape[2:]), 1, 0)
+  total, _ = jax.lax.scan(jax.checkpoint(chunk_loss), jnp.zeros((), jnp.float32),
+                          (split(x_BTD), split(batch['targets']), split(weights_BT)))
+  return total, jnp.sum(weights_BT)
+
+
+def microbatches(batch: dict, steps: int) -> dict:
+  """(B, ...) -> (steps, B / steps, ...): microbatch i takes rows i, i + steps, ...
+  so every device keeps its own rows (the batch axis is sharded in blocks)."""
+  def split(a):
+    a = a.reshape((a.shape[0] // steps, steps) + a.shape[1:])
+    return constrain(jnp.moveaxis(a, 1, 0), (None, 'batch') + (None,) * (a.ndim - 2))
+  return jax.tree.map(split, batch)
+
+
+def loss_and_grads(model, batch, execution: dict):
+  """Mean loss over the batch's counted targets and its gradient w.r.t. the
+  parameters. With grad_accum_steps = k > 1 the batch runs as k sequential
+  microbatches whose gradients are summed (each scaled by the whole batch's
+  target count), so the result is the full batch's, at 1/k of the activations."""
+  x = EXECUTION_DEFAULTS | execution
+  remat, chunk, k = x['remat'], x['loss_chunk'], x['grad_accum_steps']
+
+  def loss_fn(model, batch, count):
+    total, _ = loss_terms(model, batch, remat, chunk)
+    return total / count
+
+  count = jnp.maximum(jnp.sum(batch['weights']), 1.0)
+  if k == 1:
+    return nnx.value_and_grad(loss_fn)(model, batch, count)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def accumulate(carry, micro):
+    loss, grads = carry
+    micro_loss, micro_grads = jax.value_and_grad(
+        lambda p: loss_fn(nnx.merge(graphdef, p, rest), micro, count))(params)
+    return (loss + micro_loss, jax.tree.map(jnp.add, grads, micro_grads)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
+                                  microbatches(batch, k))
+  return loss, grads
 
 
 def make_train_step(setup: Setup, mesh):
+  """The jitted (state, batch) -> (state, stats), run as setup.execution says."""
   gm, go = setup.graphdefs
-
-  def loss_fn(model, batch):
-    total, count = loss_terms(model, batch)
-    return total / jnp.maximum(count, 1.0)
 
   @functools.partial(jax.jit, in_shardings=(setup.shardings, sharding.batch_sharding(mesh)),
                      out_shardings=(setup.shardings, sharding.replicated(mesh)),
                      donate_argnums=0)
   def train_step(state, batch):
     model, opt = nnx.merge(gm, state[0]), nnx.merge(go, state[1])
-    loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+    loss, grads = loss_and_grads(model, batch, setup.execution)
     step = opt.step[...]
     opt.update(model, grads)
     finite_leaves = [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(nnx.to_pure_dict(grads))]
@@ -112,7 +179,8 @@ def make_eval_step(setup: Setup, mesh):
                                             sharding.replicated(mesh)),
                      out_shardings=sharding.replicated(mesh))
   def eval_step(model_state, batch, token_bytes_V):
-    total, count = loss_terms(nnx.merge(gm, model_state), batch)
+    total, count = loss_terms(nnx.merge(gm, model_state), batch,
+                              loss_chunk=setup.execution.get('loss_chunk', 0))
     return total, count, jnp.sum(token_bytes_V[batch['targets']] * batch['weights'])
 
   return eval_step

@@ -38,6 +38,7 @@ class MLAttention(CachedAttention):
 
   # mla_qv sets this: the content key is then c W_UV, there is no W_UK.
   KEY_FROM_VALUE = False
+  absorb = True  # Decoding's form (see attend_cached).
 
   def __init__(self, cfg, rngs):
     self.cfg = cfg
@@ -138,7 +139,11 @@ class MLAttention(CachedAttention):
     return self.probs(scores_BHTS, positions_BT, positions_BT, attention_mask(segment_ids_BT))
 
   def attend_cached(self, x_BTD, positions_BT, cache, kv_positions_BS, mask_B1TS):
-    """Absorbed form: scores and the weighted sum act on the latents directly."""
+    """Absorbed form: scores and the weighted sum act on the latents directly.
+    With `absorb` set False on the module (the benchmark's comparison), the
+    naive form instead, expanding every cached latent per head at every step."""
+    if not self.absorb:
+      return self.attend(x_BTD, positions_BT, cache, kv_positions_BS, mask_B1TS)
     dt = x_BTD.dtype
     q_nope_BTHn, q_rope_BTHP = self.queries(x_BTD, positions_BT)
     c_BSC = cache['latent']
