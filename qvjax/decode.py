@@ -10,7 +10,9 @@ The layout comes from each attention class's `cache_layout`, so the bytes
 reported here are the arrays decoding really allocates.
 
 A cache is a pytree: {'index': slots filled, 'positions': (B, S) position of
-each slot, 'layers': [per layer {name: (B, S, ...)}]}. Every array carries
+each slot, 'layers': [per layer {name: (B, S, ...)}]}; per-head arrays (qkv's
+k and v, qv's v, qv_ka's v and ctx) are stored heads-major, (B, G, S, width),
+so that decoding reads each head's slots contiguously. Every array carries
 logical axis names, so it shards like the activations (batch over data/fsdp,
 KV heads over tensor). One row is one document: the token in slot i has
 position i. `extend` never checks for overflow (slots past S would be
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from qvjax.attention import PARADIGMS
+from qvjax.attention.base import heads_major, stored_axes
 from qvjax.layers import constrain
 
 POSITION_AXES = ('batch', 'length')
@@ -40,11 +43,20 @@ def cache_bytes_per_token(m, dtype=None) -> int:
   return m.num_layers * per_layer * itemsize
 
 
+def stored_shape(shape, axes, batch: int, length: int) -> tuple:
+  """A layer array's shape: (B, S) + per-token shape, or heads-major
+  (B, heads, S, width) for per-head arrays (qvjax.attention.base.heads_major)."""
+  if heads_major(axes):
+    return (batch, shape[0], length) + tuple(shape[1:])
+  return (batch, length) + tuple(shape)
+
+
 def init_cache(m, batch: int, length: int, dtype=None) -> dict:
   """An empty cache of `length` slots (zeros; nothing is visible until written)."""
   dtype = jnp.dtype(dtype or m.dtype)
   layout = cache_layout(m)
-  layers = [{name: constrain(jnp.zeros((batch, length) + shape, dtype), axes)
+  layers = [{name: constrain(jnp.zeros(stored_shape(shape, axes, batch, length), dtype),
+                             stored_axes(axes))
              for name, (shape, axes) in layout.items()} for _ in range(m.num_layers)]
   return {'index': jnp.zeros((), jnp.int32),
           'positions': constrain(jnp.zeros((batch, length), jnp.int32), POSITION_AXES),

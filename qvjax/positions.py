@@ -16,6 +16,7 @@ model.agf.init_min, some local and some nearly position-free, as ALiBi's
 slopes are.
 """
 
+import functools
 import math
 
 import jax
@@ -28,29 +29,57 @@ from qvjax.config import POSITIONS  # noqa: F401  (the scheme names, re-exported
 BIASES = ('alibi', 'agf')
 
 
-def apply_rope(x_BTNd, positions_BT, theta: float):
+# Largest rope table (positions x head width) built on the host; beyond it,
+# sin/cos are computed on the device.
+MAX_TABLE = 1 << 22
+
+
+@functools.lru_cache(maxsize=32)
+def rope_table(positions: int, d: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+  """([cos, cos], [-sin, sin]) for positions 0 .. positions-1, (positions, d)
+  float32, computed in float64 on the host."""
+  half = d // 2
+  angles = np.arange(positions)[:, None] * theta ** (-np.arange(half) * 2 / d)
+  cos, sin = np.cos(angles), np.sin(angles)
+  return (np.concatenate([cos, cos], -1).astype(np.float32),
+          np.concatenate([-sin, sin], -1).astype(np.float32))
+
+
+def apply_rope(x_BTNd, positions_BT, theta: float, max_position: int | None = None):
   """Rotates the last axis of x by each token's position; dtype is kept.
-  Pairs channel k with k + d/2 (Llama's rotate_half layout)."""
+  Pairs channel k with k + d/2 (Llama's rotate_half layout).
+
+  max_position: a bound on the positions (exclusive), when the caller knows
+  one (the keys' slot count). sin/cos then come from a host-computed table:
+  decoding rotates the whole cached V of qv at every step, and computing
+  B x S x d sin/cos of angles up to S radians there cost XLA:CPU more than
+  the attention itself.
+  """
   d = x_BTNd.shape[-1]
   half = d // 2
-  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2 / d)
-  angles_BTf = positions_BT[..., None].astype(jnp.float32) * freqs
-  sin, cos = jnp.sin(angles_BTf), jnp.cos(angles_BTf)
-  # out = x * [cos, cos] + swap_halves(x) * [-sin, sin]: one elementwise pass
-  # whose gradient is one too (slices and a concatenate of x cost pads and
-  # copies in the backward pass).
-  cos_BT1d = jnp.concatenate([cos, cos], axis=-1)[:, :, None, :]
-  sin_BT1d = jnp.concatenate([-sin, sin], axis=-1)[:, :, None, :]
+  if max_position and max_position * d <= MAX_TABLE:
+    cos_table, sin_table = rope_table(int(max_position), d, float(theta))
+    cos_BT1d = jnp.asarray(cos_table)[positions_BT][:, :, None, :]
+    sin_BT1d = jnp.asarray(sin_table)[positions_BT][:, :, None, :]
+  else:
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2 / d)
+    angles_BTf = positions_BT[..., None].astype(jnp.float32) * freqs
+    sin, cos = jnp.sin(angles_BTf), jnp.cos(angles_BTf)
+    # out = x * [cos, cos] + swap_halves(x) * [-sin, sin]: one elementwise
+    # pass whose gradient is one too (slices and a concatenate of x cost pads
+    # and copies in the backward pass).
+    cos_BT1d = jnp.concatenate([cos, cos], axis=-1)[:, :, None, :]
+    sin_BT1d = jnp.concatenate([-sin, sin], axis=-1)[:, :, None, :]
   x = x_BTNd.astype(jnp.float32)
   swapped = jnp.flip(x.reshape(x.shape[:-1] + (2, half)), axis=-2).reshape(x.shape)
   return (x * cos_BT1d + swapped * sin_BT1d).astype(x_BTNd.dtype)
 
 
-def rotate(x_BTNd, positions_BT, cfg):
+def rotate(x_BTNd, positions_BT, cfg, max_position: int | None = None):
   """Applies RoPE when cfg.position is 'rope'; every other scheme leaves
   queries and keys alone (they act on the scores or the embeddings)."""
   if cfg.position == 'rope':
-    return apply_rope(x_BTNd, positions_BT, cfg.rope_theta)
+    return apply_rope(x_BTNd, positions_BT, cfg.rope_theta, max_position)
   return x_BTNd
 
 

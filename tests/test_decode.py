@@ -85,9 +85,11 @@ def test_cache_holds_what_the_table_promises(attention):
   m = model_cfg(attention, 2)
   cache = decode.init_cache(m, 3, 5)
   assert len(cache['layers']) == m.num_layers
+  # Per-head arrays are stored heads-major, (B, G, S, width); the rest (B, S, ...).
+  stored = lambda s: (3, s[0], 5) + s[1:] if len(s) == 2 else (3, 5) + s
   for layer in cache['layers']:
     assert {k: v.shape for k, v in layer.items()} == {
-        k: (3, 5) + s for k, s in TABLE[attention].items()}
+        k: stored(s) for k, s in TABLE[attention].items()}
   numbers = sum(math.prod(s) for s in TABLE[attention].values())
   assert decode.cache_bytes_per_token(m) == m.num_layers * numbers * 4
   assert decode.cache_bytes_per_token(m, 'bfloat16') == m.num_layers * numbers * 2
@@ -106,10 +108,11 @@ def test_cached_entries_are_the_layer_projections():
     if attention == 'qkv':
       k = jnp.einsum('btd,dgk->btgk', x, block.attn.w_k_DGd[...])
       from qvjax.positions import apply_rope
-      np.testing.assert_allclose(layer['k'], apply_rope(k, pos, 10_000.0), **TOL)
+      np.testing.assert_allclose(layer['k'].transpose(0, 2, 1, 3), apply_rope(k, pos, 10_000.0),
+                                 **TOL)
     elif attention == 'qv':
-      np.testing.assert_allclose(layer['v'], jnp.einsum('btd,dgk->btgk', x,
-                                                        block.attn.w_v_DGd[...]), **TOL)
+      np.testing.assert_allclose(layer['v'].transpose(0, 2, 1, 3),
+                                 jnp.einsum('btd,dgk->btgk', x, block.attn.w_v_DGd[...]), **TOL)
     else:
       np.testing.assert_allclose(layer['latent'],
                                  block.attn.kv_norm(x @ block.attn.w_dkv_DC[...]), **TOL)
@@ -131,7 +134,7 @@ def test_sharded_decoding_matches_and_cache_splits_kv_heads():
     got, cache = run(state, tokens)
   np.testing.assert_allclose(got, want, **TOL)
   spec = cache['layers'][0]['k'].sharding.spec
-  assert spec[0] in (('data', 'fsdp'), 'fsdp') and spec[2] == 'tensor', spec
+  assert spec[0] in (('data', 'fsdp'), 'fsdp') and spec[1] == 'tensor', spec  # (B, G, S, d)
 
 
 class FakeTokenizer:

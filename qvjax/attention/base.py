@@ -65,14 +65,40 @@ def dot_product_attention(q_BTHd, k_BSGd, v_BSGd, bias_BHTS, mask_B1TS):
   return out_BTGRd.reshape(B, T, H, d)
 
 
+def heads_major(axes) -> bool:
+  """Whether a cache array with these logical axes (B, S, heads, width) is
+  stored heads-major, (B, heads, S, width): each head's slots contiguous, as
+  the score and weighted-sum matmuls read them. Stored (B, S, heads, width),
+  XLA:CPU transposed the whole cache at every decode step (~10x slower
+  scores); the logical (B, S, ...) view is a transpose XLA folds into the dots."""
+  return len(axes) == 4 and axes[2] == 'act_kv_heads'
+
+
+def stored_axes(axes) -> tuple:
+  return (axes[0], axes[2], axes[1], axes[3]) if heads_major(axes) else tuple(axes)
+
+
+def slot_axis(axes) -> int:
+  return 2 if heads_major(axes) else 1
+
+
+def logical_view(cache, layout) -> dict:
+  """The cache arrays as (B, S, ...), whatever their storage order."""
+  return {name: a.transpose(0, 2, 1, 3) if heads_major(layout[name][1]) else a
+          for name, a in cache.items()}
+
+
 def write(cache, entries, index, layout):
-  """Writes the new tokens' entries at slot `index` of each (B, S, ...) array,
-  keeping the cache's dtype and activation-like sharding."""
+  """Writes the new tokens' entries (B, T, ...) at slot `index` of each stored
+  array, keeping the cache's dtype and activation-like sharding."""
   out = {}
   for name, array in cache.items():
+    axes = layout[name][1]
     new = entries[name].astype(array.dtype)
-    out[name] = constrain(jax.lax.dynamic_update_slice_in_dim(array, new, index, 1),
-                          layout[name][1])
+    if heads_major(axes):
+      new = new.transpose(0, 2, 1, 3)
+    updated = jax.lax.dynamic_update_slice_in_dim(array, new, index, slot_axis(axes))
+    out[name] = constrain(updated, stored_axes(axes))
   return out
 
 
@@ -84,7 +110,8 @@ class CachedAttention(nnx.Module):
 
   @staticmethod
   def cache_layout(cfg) -> dict:
-    """name -> (per-token shape, logical axes of the (B, S, ...) cache array)."""
+    """name -> (per-token shape, logical axes of the (B, S, ...) cache array);
+    per-head arrays are stored heads-major (see `heads_major`)."""
     raise NotImplementedError
 
   def cache_entries(self, x_BTD, positions_BT) -> dict:
@@ -115,7 +142,8 @@ class CachedAttention(nnx.Module):
     whole cache (the mask hides slots not written yet). Returns (out, cache)."""
     layout = self.cache_layout(self.cfg)
     cache = write(cache, self.cache_entries(x_BTD, positions_BT), index, layout)
-    return self.attend_cached(x_BTD, positions_BT, cache, kv_positions_BS, mask_B1TS), cache
+    view = logical_view(cache, layout)
+    return self.attend_cached(x_BTD, positions_BT, view, kv_positions_BS, mask_B1TS), cache
 
 
 class Attention(CachedAttention):
@@ -134,8 +162,9 @@ class Attention(CachedAttention):
     shape = (cfg.emb_dim, cfg.num_kv_heads, width or cfg.head_dim)
     return param(rngs, shape, ('embed', 'kv_heads', 'head_dim'), std or cfg.init_std)
 
-  def keys_values(self, entries, positions_BS):
-    """Keys (position-encoded) and values, each (B, S, G, d), from entries."""
+  def keys_values(self, entries, positions_BS, max_position=None):
+    """Keys (position-encoded) and values, each (B, S, G, d), from entries;
+    max_position, when known, bounds the positions (see positions.apply_rope)."""
     raise NotImplementedError
 
   def attention_probs(self, x_BTD, positions_BT, segment_ids_BT):
@@ -154,12 +183,19 @@ class Attention(CachedAttention):
                             jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(scores_BHTS, axis=-1)
 
-  def attend(self, x_BTD, positions_BT, entries, kv_positions_BS, mask_B1TS):
+  def attend_cached(self, x_BTD, positions_BT, cache, kv_positions_BS, mask_B1TS):
+    # Decoding: every position is a slot index, below the S slots, so rope
+    # reads sin/cos from a table instead of computing them per cached token.
+    return self.attend(x_BTD, positions_BT, cache, kv_positions_BS, mask_B1TS,
+                       max_position=kv_positions_BS.shape[1])
+
+  def attend(self, x_BTD, positions_BT, entries, kv_positions_BS, mask_B1TS,
+             max_position=None):
     """Queries of x against the keys/values rebuilt from `entries`."""
     dt = x_BTD.dtype
     q_BTHd = linear(x_BTD, self.w_q_DHd[...].astype(dt))
-    q_BTHd = constrain(positions.rotate(q_BTHd, positions_BT, self.cfg), Q_AXES)
-    k_BSGd, v_BSGd = self.keys_values(entries, kv_positions_BS)
+    q_BTHd = constrain(positions.rotate(q_BTHd, positions_BT, self.cfg, max_position), Q_AXES)
+    k_BSGd, v_BSGd = self.keys_values(entries, kv_positions_BS, max_position)
     k_BSGd, v_BSGd = constrain(k_BSGd, KV_AXES), constrain(v_BSGd, KV_AXES)
     bias_BHTS = positions.bias(self.cfg, self.agf_raw_H, positions_BT, kv_positions_BS)
     out_BTHd = dot_product_attention(q_BTHd, k_BSGd, v_BSGd, bias_BHTS, mask_B1TS)

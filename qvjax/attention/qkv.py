@@ -27,5 +27,5 @@ class QKVAttention(Attention):
     # Keys are rotated once, at their own position, before they are cached.
     return {'k': positions.rotate(k_BTGd, positions_BT, self.cfg), 'v': v_BTGd}
 
-  def keys_values(self, entries, positions_BS):
+  def keys_values(self, entries, positions_BS, max_position=None):
     return entries['k'], entries['v']

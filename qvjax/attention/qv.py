@@ -25,6 +25,6 @@ class QVAttention(Attention):
   def cache_entries(self, x_BTD, positions_BT):
     return {'v': linear(x_BTD, self.w_v_DGd[...].astype(x_BTD.dtype))}
 
-  def keys_values(self, entries, positions_BS):
+  def keys_values(self, entries, positions_BS, max_position=None):
     v_BSGd = entries['v']
-    return positions.rotate(v_BSGd, positions_BS, self.cfg), v_BSGd
+    return positions.rotate(v_BSGd, positions_BS, self.cfg, max_position), v_BSGd

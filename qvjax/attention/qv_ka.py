@@ -44,10 +44,10 @@ class QVKaAttention(Attention):
       entries['ctx'] = linear(x_BTD, self.w_ctx_DGc[...].astype(dt))
     return entries
 
-  def keys_values(self, entries, positions_BS):
+  def keys_values(self, entries, positions_BS, max_position=None):
     v_BSGd = entries['v']
     key_in = v_BSGd
     if 'ctx' in entries:
       key_in = jnp.concatenate([entries['ctx'], v_BSGd], axis=-1)
     k_BSGd = jnp.einsum('bsgi,gik->bsgk', key_in, self.w_k_Gid[...].astype(v_BSGd.dtype))
-    return positions.rotate(k_BSGd, positions_BS, self.cfg), v_BSGd
+    return positions.rotate(k_BSGd, positions_BS, self.cfg, max_position), v_BSGd
