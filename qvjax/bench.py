@@ -46,6 +46,7 @@ def define_flags():
                             'model.dtype=bfloat16).')
   flags.DEFINE_enum('what', 'train', ['train', 'decode', 'all'], 'What to time.')
   flags.DEFINE_string('json', None, 'Also write the results as JSON here.')
+  flags.DEFINE_string('markdown', None, 'Also write the results as Markdown tables here.')
   flags.DEFINE_bool('estimate', False, 'Memory and step time on paper only (no compile).')
   flags.DEFINE_integer('steps', 10, 'Timed train steps (median reported).')
   flags.DEFINE_integer('warmup', 2, 'Untimed train steps after compiling.')
@@ -237,7 +238,7 @@ def _filled_cache(m, batch: int, length: int, headroom: int):
 
 def run(specs, overrides=(), what='train', json_path=None, estimate_only=False, steps=10,
         warmup=2, contexts=(256, 1024, 4096), batches=(1, 8), decode_steps=8, devices=None,
-        chip='h200', mfu=0.4, configs=None, log=print) -> list[dict]:
+        chip='h200', mfu=0.4, configs=None, log=print, markdown_path=None) -> list[dict]:
   """Benches each config (paths or ConfigDicts); returns (and writes) the results."""
   import jax
   results = []
@@ -266,7 +267,63 @@ def run(specs, overrides=(), what='train', json_path=None, estimate_only=False, 
   if json_path:
     with open(json_path, 'w') as f:
       json.dump(results, f, indent=1, default=str)
+  if markdown_path:
+    with open(markdown_path, 'w') as f:
+      f.write(markdown(results))
   return results
+
+
+def markdown(results) -> str:
+  """Markdown tables of results (train, decode, estimate), one row per config."""
+  out = []
+  train = [r for r in results if 'train' in r]
+  if train:
+    out += ['| config | attention | G | params | dtype | batch x seq | remat | MFLOPs/token | '
+            'compile s | step ms | tokens/s | MFU | peak | step memory MiB |',
+            '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+    for r in train:
+      t = r['train']
+      out.append(f'| {r["config"]} | {r["attention"]} | {r["num_kv_heads"]} | '
+                 f'{t["params"] / 1e6:.1f}M | {t["dtype"]} | {t["global_batch"]} x {t["seq_len"]} | '
+                 f'{t["remat"]} | {t["train_flops_per_token"] / 1e6:.1f} | {t["compile_s"]:.1f} | '
+                 f'{t["step_s_median"] * 1e3:.1f} | {t["tokens_per_s"]:.0f} | {t["mfu"]:.1%} | '
+                 f'{t["peak_flops"] / 1e12:.3g} TFLOP/s ({t["peak_source"]}) | '
+                 f'{t["memory"]["total"] / 2 ** 20:.0f} |')
+    out.append('')
+  decode = [r for r in results if 'decode' in r]
+  if decode:
+    points = sorted({(p['context'], p['batch']) for r in decode for p in r['decode']['points']})
+    out += ['| config | attention | form | cache B/token | ' +
+            ' | '.join(f'ms/token @{c} x{b}' for c, b in points) + ' |',
+            '|---|---|---|---|' + '---|' * len(points)]
+    for r in decode:
+      d = r['decode']
+      for form in dict.fromkeys(p['form'] for p in d['points']):
+        times = {(p['context'], p['batch']): p['ms_per_token'] for p in d['points']
+                 if p['form'] == form}
+        out.append(f'| {r["config"]} | {r["attention"]} | {form} | '
+                   f'{d["cache_bytes_per_token"]} | ' +
+                   ' | '.join(f'{times[k]:.2f}' if k in times else '' for k in points) + ' |')
+    out.append('')
+  estimates = [r for r in results if 'estimate' in r]
+  if estimates:
+    gib = lambda b: f'{b / 2 ** 30:.1f}'
+    out += ['| config | params | devices | mesh | params+grads+AdamW GiB/device | '
+            'activations GiB/device (none / dots / full) | total GiB/device | '
+            'KV cache MiB per 1k tokens | step s |',
+            '|---|---|---|---|---|---|---|---|---|']
+    for r in estimates:
+      e, per = r['estimate'], r['estimate']['per_device']
+      acts = per['activations_by_remat']
+      mesh = 'x'.join(str(v) for v in e['mesh'].values())
+      out.append(f'| {e["config"]} | {e["params"] / 1e6:.0f}M | {e["devices"]} | {mesh} | '
+                 f'{gib(per["params"] + per["grads"] + per["optimizer"])} | '
+                 f'{gib(acts["none"])} / {gib(acts["dots"])} / {gib(acts["full"])} | '
+                 f'{gib(per["total"])} ({e["remat"]}) | '
+                 f'{e["kv_cache_bytes_per_1k_tokens"] / 2 ** 20:.1f} | '
+                 f'{e.get("step_time_s", float("nan")):.2f} |')
+    out.append('')
+  return '\n'.join(out)
 
 
 def machine() -> dict:
@@ -290,7 +347,7 @@ def main(argv):
   try:
     run(specs, FLAGS.set, FLAGS.what, FLAGS.json, FLAGS.estimate, FLAGS.steps, FLAGS.warmup,
         FLAGS.contexts, FLAGS.batches, FLAGS.decode_steps, FLAGS.devices, FLAGS.chip, FLAGS.mfu,
-        configs=configs)
+        configs=configs, markdown_path=FLAGS.markdown)
   except config_lib.ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

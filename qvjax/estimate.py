@@ -12,7 +12,8 @@ allocated; the mesh is abstract):
 Activations per token and layer (s = bytes of model.dtype; D, H, G, d, F as
 in docs/attention.md; t = mesh.tensor; T = seq_len), from what XLA keeps for
 the backward pass of qvjax's block:
-  none  s (5 D + attention tensors + 3 F / t) + 8 H T / t   (softmax in/out, float32)
+  none  s (5 D + attention tensors + 3 F / t) + 8 H T / t   (softmax in/out, float32;
+        4 H / t instead with cuDNN flash attention: bfloat16 on a GPU chip, no bias)
   dots  s (3 D + projection outputs + 2 F / t)               (matmul outputs)
   full  s D                                                  (block inputs)
 plus, with remat, one block's 'none' set (recomputed during its backward),
@@ -61,14 +62,26 @@ def _attention_tensors(m, t: int) -> tuple[float, float]:
   return 2 * H * d + kv + H * d, H * d + kv
 
 
-def activation_bytes(c, tokens: float, tensor: int, remat: str) -> float:
-  """Bytes of activations the backward pass keeps, per device (see above)."""
+GPU_CHIPS = ('h200', 'h100', 'a100', 'l4')
+
+
+def uses_flash_attention(c, chip: str | None) -> bool:
+  """Whether the step would run cuDNN flash attention (no T x T scores kept):
+  qvjax.attention.base.dot_product_attention's rule, on a GPU chip."""
+  m = c.model
+  return (chip in GPU_CHIPS and m.dtype == 'bfloat16' and m.position not in ('alibi', 'agf')
+          and m.attention not in config_lib.MLA_PARADIGMS)
+
+
+def activation_bytes(c, tokens: float, tensor: int, remat: str, flash: bool = False) -> float:
+  """Bytes of activations the backward pass keeps, per device (see above);
+  with flash attention no (H, T) rows are kept, only a logsumexp per head."""
   m = c.model
   s = jnp.dtype(m.dtype).itemsize
   D, F, L, T, V = m.emb_dim, m.mlp_dim / tensor, m.num_layers, c.seq_len, m.vocab_size / tensor
   attn, attn_dots = _attention_tensors(m, tensor)
   # Two float32 (H, T) rows per token: XLA keeps the softmax's input and output.
-  probs = 2 * 4 * (m.num_heads / tensor) * T
+  probs = 4 * (m.num_heads / tensor) * (1 if flash else 2 * T)
   none = s * (5 * D + attn + 3 * F) + probs
   per_layer = {'none': none, 'dots': s * (3 * D + attn_dots + 2 * F), 'full': s * D}[remat]
   chunk = c.get('loss_chunk', 0) or T
@@ -92,7 +105,8 @@ def estimate(c, num_devices: int, chip: str | None = None, mfu: float = 0.4) -> 
   opt_bytes = _sharded_bytes(opt_abs, opt_sh)
   batch = config_lib.global_batch_size(c, num_devices)
   tokens = batch * c.seq_len / (data * fsdp * c.grad_accum_steps)
-  acts = {r: activation_bytes(c, tokens, tensor, r) for r in config_lib.REMAT}
+  flash = uses_flash_attention(c, chip)
+  acts = {r: activation_bytes(c, tokens, tensor, r, flash) for r in config_lib.REMAT}
   flops = metrics.train_flops_per_token(m, c.seq_len) * batch * c.seq_len
   peak = metrics.published_peak(chip, m.dtype) if chip else None
   out = {
@@ -106,6 +120,7 @@ def estimate(c, num_devices: int, chip: str | None = None, mfu: float = 0.4) -> 
           'batch': batch * c.seq_len * 4 * 5 / (data * fsdp),
       },
       'remat': c.remat, 'grad_accum_steps': c.grad_accum_steps, 'loss_chunk': c.loss_chunk,
+      'flash_attention': flash,
       'tokens_per_step': batch * c.seq_len,
       'kv_cache_bytes_per_1k_tokens': decode.cache_bytes_per_token(m) * 1024,
       'train_flops_per_step': flops,
@@ -132,7 +147,8 @@ def format_estimate(e: dict) -> str:
       f'  per device: params {gib(per["params"])}, grads {gib(per["grads"])}, AdamW '
       f'{gib(per["optimizer"])}, activations {gib(per["activations"])} '
       f'(remat={e["remat"]}, grad_accum_steps={e["grad_accum_steps"]}, '
-      f'loss_chunk={e["loss_chunk"]}) -> total {gib(per["total"])}',
+      f'loss_chunk={e["loss_chunk"]}{", flash attention" if e["flash_attention"] else ""}) '
+      f'-> total {gib(per["total"])}',
       f'  activations by remat: {acts}',
       f'  KV cache: {e["kv_cache_bytes_per_1k_tokens"] / 2 ** 20:.1f} MiB per 1k tokens of '
       'context per sequence',

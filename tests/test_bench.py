@@ -139,3 +139,21 @@ def test_grad_accum_must_divide_the_per_shard_batch():
   c.grad_accum_steps = 3
   with pytest.raises(config_lib.ConfigError, match='config.grad_accum_steps=3'):
     config_lib.validate_for_devices(c, 8)
+
+
+def test_gpu_bench_script_parses_and_names_real_presets():
+  """launch/gpu_bench.sh is not run in CI (no GPU): its syntax and the
+  presets and flags it passes are checked here."""
+  import subprocess
+  script = os.path.join(ROOT, 'launch/gpu_bench.sh')
+  assert subprocess.run(['bash', '-n', script]).returncode == 0
+  text = open(script).read()
+  for size in ('125m', '350m'):
+    for paradigm in ('qkv', 'gqa', 'qv', 'mla'):
+      c = bench.load_config(os.path.join(ROOT, f'configs/scale/{size}.py:{paradigm}'))
+      assert c.model.dtype == 'bfloat16'
+  import re
+  defined = set(re.findall(r"DEFINE_\w+\('(\w+)'", open(bench.__file__).read()))
+  for flag in ('configs', 'what', 'set', 'steps', 'warmup', 'contexts', 'batches',
+               'decode_steps', 'json'):
+    assert f'--{flag}=' in text and flag in defined, flag
