@@ -57,6 +57,8 @@ def define_flags():
   flags.DEFINE_string('chip', 'h200', '--estimate: chip for the step time (a key of '
                       'qvjax.metrics.PUBLISHED_PEAKS).')
   flags.DEFINE_float('mfu', 0.4, '--estimate: the MFU the step time assumes.')
+  flags.DEFINE_bool('keep_freed_memory', True, 'On CPU, qvjax.host.keep_freed_memory() '
+                    '(glibc keeps large freed blocks: no page faults on every step).')
 
 
 def load_config(spec: str):
@@ -238,15 +240,20 @@ def _filled_cache(m, batch: int, length: int, headroom: int):
 
 def run(specs, overrides=(), what='train', json_path=None, estimate_only=False, steps=10,
         warmup=2, contexts=(256, 1024, 4096), batches=(1, 8), decode_steps=8, devices=None,
-        chip='h200', mfu=0.4, configs=None, log=print, markdown_path=None) -> list[dict]:
+        chip='h200', mfu=0.4, configs=None, log=print, markdown_path=None,
+        keep_freed_memory=True) -> list[dict]:
   """Benches each config (paths or ConfigDicts); returns (and writes) the results."""
   import jax
+
+  from qvjax import host
+  tuned = keep_freed_memory and jax.default_backend() == 'cpu' and host.keep_freed_memory()
   results = []
   items = list(configs or []) + [load_config(s) for s in specs]
   for c in items:
     c = apply_overrides(c, overrides)
     entry = {'config': c.name, 'attention': c.model.attention,
-             'num_kv_heads': c.model.num_kv_heads, 'machine': machine()}
+             'num_kv_heads': c.model.num_kv_heads, 'machine': machine() | {
+                 'keep_freed_memory': tuned}}
     if estimate_only:
       from qvjax import estimate
       e = estimate.estimate(c, devices or jax.device_count(), chip, mfu)
@@ -347,7 +354,8 @@ def main(argv):
   try:
     run(specs, FLAGS.set, FLAGS.what, FLAGS.json, FLAGS.estimate, FLAGS.steps, FLAGS.warmup,
         FLAGS.contexts, FLAGS.batches, FLAGS.decode_steps, FLAGS.devices, FLAGS.chip, FLAGS.mfu,
-        configs=configs, markdown_path=FLAGS.markdown)
+        configs=configs, markdown_path=FLAGS.markdown,
+        keep_freed_memory=FLAGS.keep_freed_memory)
   except config_lib.ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
