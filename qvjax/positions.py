@@ -50,17 +50,21 @@ def apply_rope(x_BTNd, positions_BT, theta: float, max_position: int | None = No
   Pairs channel k with k + d/2 (Llama's rotate_half layout).
 
   max_position: a bound on the positions (exclusive), when the caller knows
-  one (the keys' slot count). sin/cos then come from a host-computed table:
-  decoding rotates the whole cached V of qv at every step, and computing
-  B x S x d sin/cos of angles up to S radians there cost XLA:CPU more than
-  the attention itself.
+  one (decoding: the cache's slot count). sin/cos then come from a
+  host-computed table instead of being computed per token. positions_BT None
+  (with max_position) means token t is at position t.
   """
   d = x_BTNd.shape[-1]
   half = d // 2
   if max_position and max_position * d <= MAX_TABLE:
     cos_table, sin_table = rope_table(int(max_position), d, float(theta))
-    cos_BT1d = jnp.asarray(cos_table)[positions_BT][:, :, None, :]
-    sin_BT1d = jnp.asarray(sin_table)[positions_BT][:, :, None, :]
+    if positions_BT is None:
+      T = x_BTNd.shape[1]
+      cos_BT1d = jnp.asarray(cos_table[:T])[None, :, None, :]
+      sin_BT1d = jnp.asarray(sin_table[:T])[None, :, None, :]
+    else:
+      cos_BT1d = jnp.asarray(cos_table)[positions_BT][:, :, None, :]
+      sin_BT1d = jnp.asarray(sin_table)[positions_BT][:, :, None, :]
   else:
     freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2 / d)
     angles_BTf = positions_BT[..., None].astype(jnp.float32) * freqs

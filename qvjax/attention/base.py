@@ -163,8 +163,9 @@ class Attention(CachedAttention):
     return param(rngs, shape, ('embed', 'kv_heads', 'head_dim'), std or cfg.init_std)
 
   def keys_values(self, entries, positions_BS, max_position=None):
-    """Keys (position-encoded) and values, each (B, S, G, d), from entries;
-    max_position, when known, bounds the positions (see positions.apply_rope)."""
+    """Keys (position-encoded) and values, each (B, S, G, d), from entries.
+    max_position, when known, bounds the positions (see positions.apply_rope);
+    positions_BS None means slot s holds position s (decoding)."""
     raise NotImplementedError
 
   def attention_probs(self, x_BTD, positions_BT, segment_ids_BT):
@@ -184,18 +185,23 @@ class Attention(CachedAttention):
     return jax.nn.softmax(scores_BHTS, axis=-1)
 
   def attend_cached(self, x_BTD, positions_BT, cache, kv_positions_BS, mask_B1TS):
-    # Decoding: every position is a slot index, below the S slots, so rope
-    # reads sin/cos from a table instead of computing them per cached token.
-    return self.attend(x_BTD, positions_BT, cache, kv_positions_BS, mask_B1TS,
-                       max_position=kv_positions_BS.shape[1])
+    return self.attend(x_BTD, positions_BT, cache, kv_positions_BS, mask_B1TS, decoding=True)
 
   def attend(self, x_BTD, positions_BT, entries, kv_positions_BS, mask_B1TS,
-             max_position=None):
-    """Queries of x against the keys/values rebuilt from `entries`."""
+             decoding=False):
+    """Queries of x against the keys/values rebuilt from `entries`.
+
+    decoding: `entries` is a cache, in which slot s holds position s
+    (qvjax.decode), so every position is below its S slots and rope reads
+    sin/cos from a table, for the keys without even a gather: qv rotates the
+    whole cached V at every step, where computing B x S x d sin/cos cost
+    XLA:CPU more than the attention itself."""
     dt = x_BTD.dtype
+    max_position = kv_positions_BS.shape[1] if decoding else None
     q_BTHd = linear(x_BTD, self.w_q_DHd[...].astype(dt))
     q_BTHd = constrain(positions.rotate(q_BTHd, positions_BT, self.cfg, max_position), Q_AXES)
-    k_BSGd, v_BSGd = self.keys_values(entries, kv_positions_BS, max_position)
+    k_BSGd, v_BSGd = self.keys_values(entries, None if decoding else kv_positions_BS,
+                                      max_position)
     k_BSGd, v_BSGd = constrain(k_BSGd, KV_AXES), constrain(v_BSGd, KV_AXES)
     bias_BHTS = positions.bias(self.cfg, self.agf_raw_H, positions_BT, kv_positions_BS)
     out_BTHd = dot_product_attention(q_BTHd, k_BSGd, v_BSGd, bias_BHTS, mask_B1TS)
