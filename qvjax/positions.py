@@ -66,6 +66,8 @@ def apply_rope(x_BTNd, positions_BT, theta: float, max_position: int | None = No
       cos_BT1d = jnp.asarray(cos_table)[positions_BT][:, :, None, :]
       sin_BT1d = jnp.asarray(sin_table)[positions_BT][:, :, None, :]
   else:
+    if positions_BT is None:
+      positions_BT = jnp.arange(x_BTNd.shape[1])[None]
     freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2 / d)
     angles_BTf = positions_BT[..., None].astype(jnp.float32) * freqs
     sin, cos = jnp.sin(angles_BTf), jnp.cos(angles_BTf)
