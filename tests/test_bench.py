@@ -157,3 +157,16 @@ def test_gpu_bench_script_parses_and_names_real_presets():
   for flag in ('configs', 'what', 'set', 'steps', 'warmup', 'contexts', 'batches',
                'decode_steps', 'json'):
     assert f'--{flag}=' in text and flag in defined, flag
+
+
+def test_rope_from_the_host_table_equals_rope_computed_per_token():
+  """Decoding reads sin/cos from a float64-built table (positions.rope_table);
+  training computes them in float32: the same rotation to float32 angle error."""
+  import jax.numpy as jnp
+  from qvjax import positions
+  x = jax.random.normal(jax.random.key(0), (2, 64, 3, 16))
+  pos = jnp.broadcast_to(jnp.arange(64), (2, 64))
+  computed = positions.apply_rope(x, pos, 10_000.0)
+  for table in (positions.apply_rope(x, pos, 10_000.0, max_position=64),
+                positions.apply_rope(x, None, 10_000.0, max_position=64)):
+    np.testing.assert_allclose(table, computed, rtol=1e-5, atol=1e-5)
