@@ -47,9 +47,12 @@ def dot_product_attention(q_BTHd, k_BSGd, v_BSGd, bias_BHTS, mask_B1TS):
   backend = jax.default_backend()
   if (backend == 'gpu' and q_BTHd.dtype in (jnp.bfloat16, jnp.float16) and bias_BHTS is None
       and T > 1 and d <= 128 and d % 8 == 0):
-    return jax.nn.dot_product_attention(q_BTHd, k_BSGd, v_BSGd, mask=mask_B1TS,
-                                        implementation='cudnn')
-  if backend != 'cpu':
+    try:  # The causal + document mask goes in as a dense bias.
+      return jax.nn.dot_product_attention(q_BTHd, k_BSGd, v_BSGd, mask=mask_B1TS,
+                                          implementation='cudnn')
+    except (ValueError, NotImplementedError, RuntimeError):
+      pass  # cuDNN refused these shapes or this GPU (checked while tracing): XLA below.
+  if backend != 'cpu':  # Also GPU when cuDNN does not apply.
     return jax.nn.dot_product_attention(q_BTHd, k_BSGd, v_BSGd, bias=bias_BHTS,
                                         mask=mask_B1TS)
   S, G = k_BSGd.shape[1], k_BSGd.shape[2]
