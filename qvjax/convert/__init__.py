@@ -72,6 +72,15 @@ def mlp_and_norms(sd, prefix):
   }
 
 
+def decoder_params(sd, m, attention) -> dict:
+  """Embedding, then per layer the MLP, norms and `attention(sd, prefix, m)`."""
+  params = embedding(sd, m)
+  params['blocks'] = {i: {**mlp_and_norms(sd, f'model.layers.{i}.'),
+                          'attn': attention(sd, f'model.layers.{i}.', m)}
+                      for i in range(m.num_layers)}
+  return params
+
+
 def build(m: ml_collections.ConfigDict, params: dict) -> Decoder:
   """A Decoder holding `params`; every shape is checked against the config."""
   abstract = nnx.eval_shape(lambda: Decoder(m, nnx.Rngs(0)))

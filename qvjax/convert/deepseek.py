@@ -19,7 +19,7 @@ model.norm_eps for all norms).
 
 import numpy as np
 
-from qvjax.convert import array, base_model, embedding, hf_get, mlp_and_norms, rope_theta
+from qvjax.convert import array, base_model, decoder_params, hf_get, rope_theta
 
 
 def model_config(hf, base):
@@ -79,10 +79,4 @@ def attention(sd, prefix, m):
 def convert(hf_config, state_dict, base):
   """(model config, params) of a qvjax mla decoder equal to the DeepSeek-V2."""
   m = model_config(hf_config, base)
-  params = embedding(state_dict, m)
-  params['blocks'] = {}
-  for i in range(m.num_layers):
-    prefix = f'model.layers.{i}.'
-    params['blocks'][i] = {**mlp_and_norms(state_dict, prefix),
-                           'attn': attention(state_dict, prefix, m)}
-  return m, params
+  return m, decoder_params(state_dict, m, attention)

@@ -14,7 +14,7 @@ up-trained from MHA checkpoints), with half the KV cache. It is exact only
 for a Llama whose W_K equals W_V (the identity tests/test_convert.py pins).
 """
 
-from qvjax.convert import array, base_model, embedding, hf_get, mlp_and_norms, rope_theta
+from qvjax.convert import array, base_model, decoder_params, hf_get, rope_theta
 
 
 def model_config(hf, base):
@@ -48,13 +48,7 @@ def convert(hf_config, state_dict, base):
   `base`: a model config section supplying the knobs Llama does not set
   (dtype, init_std, ...), e.g. configs.default.get_config().model."""
   m = model_config(hf_config, base)
-  params = embedding(state_dict, m)
-  params['blocks'] = {}
-  for i in range(m.num_layers):
-    prefix = f'model.layers.{i}.'
-    params['blocks'][i] = {**mlp_and_norms(state_dict, prefix),
-                           'attn': attention(state_dict, prefix, m)}
-  return m, params
+  return m, decoder_params(state_dict, m, attention)
 
 
 def to_qv(hf_config, state_dict, base):
