@@ -124,17 +124,22 @@ def _prepare(builder: tfds.core.DatasetBuilder) -> None:
         f' {builder.name!r} there failed: {_first_line(e)}') from e
 
 
+def wait_until_exists(path: epath.Path, what: str, timeout_s: float, poll_s: float) -> None:
+  """Polls for a file process 0 writes; TimeoutError naming `what` otherwise."""
+  deadline = time.monotonic() + timeout_s
+  while not path.exists():
+    if time.monotonic() > deadline:
+      raise TimeoutError(
+          f'Process {jax.process_index()} waited {timeout_s:.0f}s for process 0 to {what}.')
+    time.sleep(poll_s)
+
+
 def _wait_for(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   builder = _builder(config)
   info = epath.Path(builder.data_dir) / 'dataset_info.json'
-  deadline = time.monotonic() + WAIT_TIMEOUT_S
-  while not info.exists():
-    if time.monotonic() > deadline:
-      raise TimeoutError(
-          f'Process {jax.process_index()} waited {WAIT_TIMEOUT_S:.0f}s for'
-          f' process 0 to prepare {builder.name!r} ({info} still missing;'
-          ' config.dataset.data_dir must be shared by all hosts).')
-    time.sleep(_POLL_S)
+  wait_until_exists(info, f'prepare {builder.name!r} ({info} still missing;'
+                    ' config.dataset.data_dir must be shared by all hosts)',
+                    WAIT_TIMEOUT_S, _POLL_S)
   return _builder(config)  # Re-read: now it loads the written info.
 
 

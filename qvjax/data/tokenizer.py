@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import hashlib
 import io
-import time
 import uuid
 
 from etils import epath
@@ -221,14 +220,7 @@ def _train(lines, config, model: io.BytesIO, size: int) -> None:
 
 
 def _wait_for(path: epath.Path) -> None:
-  deadline = time.monotonic() + WAIT_TIMEOUT_S
-  while not path.exists():
-    if time.monotonic() > deadline:
-      raise TimeoutError(
-          f'Process {jax.process_index()} waited {WAIT_TIMEOUT_S:.0f}s for'
-          f' process 0 to write the tokenizer {path}.'
-      )
-    time.sleep(_POLL_S)
+  sources.wait_until_exists(path, f'write the tokenizer {path}', WAIT_TIMEOUT_S, _POLL_S)
 
 
 def get_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
