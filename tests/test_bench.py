@@ -170,3 +170,16 @@ def test_rope_from_the_host_table_equals_rope_computed_per_token():
   for table in (positions.apply_rope(x, pos, 10_000.0, max_position=64),
                 positions.apply_rope(x, None, 10_000.0, max_position=64)):
     np.testing.assert_allclose(table, computed, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_forms_agree_and_a_wrong_form_is_caught(monkeypatch):
+  from qvjax import bench_decode_forms as forms
+  lines = []
+  times = forms.run(batch=2, context=16, kv_heads=2, head_dim=8, layers=2, steps=1,
+                    log=lines.append)
+  assert set(times) == set(forms.FORMS) and all(t > 0 for t in times.values())
+  assert len(lines) == len(forms.FORMS)
+  # A form that forgets the rotation must fail the check against `qv`.
+  monkeypatch.setitem(forms.FORMS, 'wrong', ('v, rope', forms.whole(forms.norope)))
+  with pytest.raises(AssertionError, match='wrong: differs'):
+    forms.run(batch=2, context=16, kv_heads=2, head_dim=8, layers=2, steps=1, log=lines.append)
