@@ -2,7 +2,8 @@
 
 Parameters and activations carry logical names; this table maps them onto the
 (data, fsdp, tensor) mesh. Batch is split over data and fsdp; parameters are
-split over fsdp on their embed axis (ZeRO-3 style) and over tensor on heads,
+split over fsdp on their embed axis (ZeRO-3 style; or their latent/ka_in
+axis where they have no embed axis) and over tensor on heads,
 MLP and vocab (Megatron style).
 """
 
@@ -50,6 +51,11 @@ def logical_rules(model: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     kv_heads = None
     logging.info('num_kv_heads=%d does not divide mesh.tensor=%d: K/V heads are replicated',
                  model.num_kv_heads, tensor)
+  # Weights without an embed axis (MLA's up-projections from the latent,
+  # qv_ka's W_K) are split over fsdp on their input axis instead, where it divides.
+  fsdp = mesh.shape['fsdp']
+  latent = _fsdp_if_divides(fsdp, 'latent', model.mla.kv_lora_rank, model.mla.q_lora_rank)
+  ka_in = _fsdp_if_divides(fsdp, 'ka_in', model.qv_ka.ctx_dim + model.head_dim)
   return (
       ('batch', ('data', 'fsdp')),
       ('length', None),
@@ -59,7 +65,8 @@ def logical_rules(model: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
       ('kv_heads', kv_heads),
       ('mlp', 'tensor'),
       ('head_dim', None),
-      ('ka_in', None),
+      ('ka_in', ka_in),
+      ('latent', latent),
       ('norm', None),
       ('act_embed', None),
       ('act_heads', 'tensor'),
@@ -67,6 +74,13 @@ def logical_rules(model: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
       ('act_mlp', 'tensor'),
       ('act_vocab', 'tensor'),
   )
+
+
+def _fsdp_if_divides(fsdp: int, name: str, *widths: int):
+  if all(w % fsdp == 0 for w in widths if w):
+    return 'fsdp'
+  logging.info('%s widths %s do not all divide mesh.fsdp=%d: replicated', name, widths, fsdp)
+  return None
 
 
 def batch_sharding(mesh) -> NamedSharding:

@@ -36,20 +36,30 @@ def losses_on(mesh_shape, attention, steps=3):
     for _ in range(steps):
       state, stats = step_fn(state, batch)
       losses.append(float(stats['loss']))
-    param = state[0]['blocks'][0]['attn']['w_q_DHd'][...]
-  return np.array(losses), param.sharding.spec
+    specs = {name: p[...].sharding.spec for name, p in state[0]['blocks'][0]['attn'].items()
+             if hasattr(p, 'shape')}
+  return np.array(losses), specs
 
 
-@pytest.mark.parametrize('attention', ['qkv', 'qv', 'qv_ka'])
+# Each paradigm's parameter split over tensor (by heads) and one without an
+# embed axis that fsdp splits on its input axis (None: the paradigm has none).
+SPLIT = {'qkv': ('w_q_DHd', None), 'qv': ('w_q_DHd', None), 'qv_ka': ('w_q_DHd', 'w_k_Gid'),
+         'mla': ('w_uv_CHe', 'w_uv_CHe')}
+
+
+@pytest.mark.parametrize('attention', ['qkv', 'qv', 'qv_ka', 'mla'])
 def test_same_losses_on_every_mesh_and_loss_falls(attention):
   base, _ = losses_on(MESHES[0], attention)
   assert base[-1] < base[0]
+  by_heads, no_embed = SPLIT[attention]
   for shape in MESHES[1:]:
-    losses, spec = losses_on(shape, attention)
+    losses, specs = losses_on(shape, attention)
     # float32 reductions reorder across shardings: 1e-5 relative.
     np.testing.assert_allclose(losses, base, rtol=1e-5, err_msg=str(shape))
     if shape[2] > 1:
-      assert 'tensor' in spec  # Heads really are split on the tensor axis.
+      assert 'tensor' in specs[by_heads]  # Heads really are split on the tensor axis.
+    if shape[1] > 1 and no_embed:
+      assert 'fsdp' in specs[no_embed], specs[no_embed]  # Not replicated over fsdp.
 
 
 def test_kv_heads_fewer_than_tensor_axis_are_replicated():

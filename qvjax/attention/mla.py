@@ -48,15 +48,15 @@ class MLAttention(CachedAttention):
     if q:
       self.w_dq_DQ = param(rngs, (D, q), ('embed', None), std)
       self.q_norm = RMSNorm(q, cfg.norm_eps)
-      self.w_uq_QHk = param(rngs, (q, H, n + p), (None, 'heads', 'head_dim'), std)
+      self.w_uq_QHk = param(rngs, (q, H, n + p), ('latent', 'heads', 'head_dim'), std)
     else:
       self.w_q_DHk = param(rngs, (D, H, n + p), ('embed', 'heads', 'head_dim'), std)
     self.w_dkv_DC = param(rngs, (D, r), ('embed', None), std)
     self.kv_norm = RMSNorm(r, cfg.norm_eps)
     self.w_kr_DP = param(rngs, (D, p), ('embed', 'head_dim'), std) if p else None
     self.w_uk_CHn = None if self.KEY_FROM_VALUE else param(
-        rngs, (r, H, n), (None, 'heads', 'head_dim'), std)
-    self.w_uv_CHe = param(rngs, (r, H, e), (None, 'heads', 'head_dim'), std)
+        rngs, (r, H, n), ('latent', 'heads', 'head_dim'), std)
+    self.w_uv_CHe = param(rngs, (r, H, e), ('latent', 'heads', 'head_dim'), std)
     self.w_o_HeD = param(rngs, (H, e, D), ('heads', 'head_dim', 'embed'), out_std(cfg))
     self.agf_raw_H = positions.agf_param(cfg) if cfg.position == 'agf' else None
 
