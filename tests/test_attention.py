@@ -200,8 +200,8 @@ def test_mla_absorbed_equals_naive(attention, q_lora_rank, position):
 
 
 def test_mla_runs_alike_on_a_3d_mesh():
-  """Params placed by their logical names (latent axes unsplit, heads on
-  tensor, embed on fsdp): the same logits as one device."""
+  """Params placed by their logical names (latent and embed axes on fsdp,
+  heads on tensor): the same logits as one device."""
   from flax.core import spmd
   from qvjax import sharding
   cfg = model_cfg('mla')
@@ -216,4 +216,4 @@ def test_mla_runs_alike_on_a_3d_mesh():
     got = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
   np.testing.assert_allclose(got, want, **TOL)
   spec = state['blocks'][0]['attn']['w_uv_CHe'][...].sharding.spec
-  assert tuple(spec) == (None, 'tensor', None), spec
+  assert tuple(spec) == ('fsdp', 'tensor', None), spec
