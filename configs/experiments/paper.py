@@ -59,7 +59,8 @@ def _small():
   figures line up with docs/attention.md's bracketed numbers. Only the step
   count is cut to fit the budget; docs/results.md has the arithmetic:
   14 runs x (250 steps x ~1.1 s + ~45 s start-up, compile and evals)
-  ~= 75 minutes on a quiet machine, 1.02M training tokens per run (under one
+  ~= 75 minutes on a quiet machine as estimated (54 minutes measured for a
+  seed, docs/results.md), 1.02M training tokens per run (under one
   epoch of Shakespeare's train split, so no document is seen twice)."""
   c = _suite_knobs(default.get_config(), 'paper_small')
   c.num_train_steps = 250
@@ -115,7 +116,7 @@ def _large():
 SCALES = {
     'tiny': {'config': _tiny, 'seeds': 1, 'about': 'CI: 2 layers of width 32, 6 steps'},
     'small': {'config': _small, 'seeds': 2,
-              'about': '2-core CPU: the *_small model, 250 steps, ~75-90 min a seed'},
+              'about': '2-core CPU: the *_small model, 250 steps, ~55 min a seed'},
     'medium': {'config': _medium, 'seeds': 2,
                'about': 'one accelerator host: ~40M params, 655M lm1b tokens'},
     'large': {'config': _large, 'seeds': 1,
