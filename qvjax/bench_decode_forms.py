@@ -174,7 +174,7 @@ def run(batch, context, kv_heads, head_dim, layers, steps=15, check=1e-5, log=pr
 
 def main(argv):
   del argv
-  host.keep_freed_memory()  # As qvjax.bench and qvjax.main do on CPU.
+  host.keep_freed_memory()  # As qvjax.bench does (qvjax.main does not).
   mib = FLAGS.batch * FLAGS.context * FLAGS.kv_heads * FLAGS.head_dim * 4 * FLAGS.layers / 2 ** 20
   print(f'{jax.default_backend()}: batch {FLAGS.batch}, context {FLAGS.context}, '
         f'{FLAGS.kv_heads} KV heads of {FLAGS.head_dim}, {FLAGS.layers} layers '
