@@ -53,9 +53,13 @@ def logical_rules(model: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
                  model.num_kv_heads, tensor)
   # Weights without an embed axis (MLA's up-projections from the latent,
   # qv_ka's W_K) are split over fsdp on their input axis instead, where it divides.
+  # (Checked only for the paradigm that has them, so others log nothing.)
   fsdp = mesh.shape['fsdp']
-  latent = _fsdp_if_divides(fsdp, 'latent', model.mla.kv_lora_rank, model.mla.q_lora_rank)
-  ka_in = _fsdp_if_divides(fsdp, 'ka_in', model.qv_ka.ctx_dim + model.head_dim)
+  latent = ka_in = None
+  if model.attention in config_lib.MLA_PARADIGMS:
+    latent = _fsdp_if_divides(fsdp, 'latent', model.mla.kv_lora_rank, model.mla.q_lora_rank)
+  if model.attention == 'qv_ka':
+    ka_in = _fsdp_if_divides(fsdp, 'ka_in', model.qv_ka.ctx_dim + model.head_dim)
   return (
       ('batch', ('data', 'fsdp')),
       ('length', None),
